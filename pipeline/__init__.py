@@ -1,0 +1,1 @@
+"""F1 telemetry platform: all logic, importable without Airflow."""

@@ -1,0 +1,103 @@
+"""`f1`: the command line for everything a DAG does, plus the local stack."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from pipeline.settings import ENV_FILE, get_settings
+
+app = typer.Typer(no_args_is_help=True, help="F1 telemetry platform.")
+stack_app = typer.Typer(no_args_is_help=True, help="The local stack (no Docker).")
+app.add_typer(stack_app, name="stack")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(1)
+
+
+@stack_app.command("env")
+def stack_env() -> None:
+    """Write .env (mode 600) with fresh secrets if it is missing or lacks one."""
+    from pipeline.stack.envfile import ensure_env_file
+
+    generated = ensure_env_file()
+    if generated:
+        typer.echo(f"{ENV_FILE}: generated {', '.join(generated)}")
+    else:
+        typer.echo(f"{ENV_FILE}: present, nothing to generate")
+
+
+@stack_app.command("up")
+def stack_up(
+    only: list[str] = typer.Option(None, "--only", help="Start just these services."),
+) -> None:
+    """Start every service and wait until each is healthy (idempotent)."""
+    from pipeline.stack import manager
+    from pipeline.stack.envfile import ensure_env_file
+    from pipeline.stack.process import StackError
+
+    _setup_logging()
+    ensure_env_file()
+    settings = get_settings()
+    try:
+        manager.up(settings, only=set(only) if only else None)
+    except StackError as err:
+        _fail(str(err))
+    _print_status(settings)
+    typer.echo(f"\nCredentials: {ENV_FILE} (mode 600). Logs: {settings.log_dir}")
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop every service of the stack; harmless when nothing runs."""
+    from pipeline.stack import manager
+
+    _setup_logging()
+    if not ENV_FILE.exists():
+        typer.echo("no .env: nothing was ever started here")
+        return
+    stopped = manager.down(get_settings())
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Each process of the stack: running, healthy, and where."""
+    if not ENV_FILE.exists():
+        typer.echo("no .env: the stack was never started here (run `make up`)")
+        raise typer.Exit(1)
+    if not _print_status(get_settings()):
+        raise typer.Exit(1)
+
+
+def _print_status(settings: object) -> bool:
+    from pipeline.stack import manager
+
+    rows = manager.status(settings)  # type: ignore[arg-type]
+    all_ok = True
+    for name, pid, healthy, url in rows:
+        state = "healthy" if healthy else ("UNHEALTHY" if pid else "stopped")
+        all_ok &= healthy
+        typer.echo(f"  {name:<22} {state:<10} {('pid ' + str(pid)) if pid else '':<10} {url}")
+    return all_ok
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

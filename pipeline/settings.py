@@ -1,0 +1,147 @@
+"""The one settings object, read from the environment and `.env`.
+
+Every variable is listed with its meaning in `.env.example`. Secrets have no
+default: the first `make up` (or `f1 stack env`) writes a `.env` with freshly
+generated values, so no service ever runs with a default or empty password.
+"""
+
+from __future__ import annotations
+
+import functools
+from urllib.parse import quote
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ENV_FILE = PROJECT_ROOT / ".env"
+# The offline FastF1 sample that ships beside the project (../shared/data/...).
+SAMPLE_FASTF1_CACHE = PROJECT_ROOT.parent / "shared" / "data" / "fastf1" / "cache"
+
+SecretKind = Literal["password", "token", "fernet"]
+
+
+def secret(kind: SecretKind = "password", description: str = "") -> Any:
+    """A required secret field; `kind` tells the `.env` generator how to make one."""
+    return Field(description=description, json_schema_extra={"secret": kind})
+
+
+def _default_fastf1_cache() -> Path:
+    if SAMPLE_FASTF1_CACHE.is_dir():
+        return SAMPLE_FASTF1_CACHE
+    return Path.home() / ".cache" / "fastf1"
+
+
+class Settings(BaseSettings):
+    """Platform settings. Environment variables win over `.env`; names are the
+    field names in upper case (e.g. `POSTGRES_PORT`)."""
+
+    model_config = SettingsConfigDict(
+        env_file=ENV_FILE, env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    # --- where things live and listen -------------------------------------------------
+    bind_host: str = Field(
+        "127.0.0.1", description="Address every service listens on (loopback only by default)."
+    )
+    stack_dir: Path = Field(
+        PROJECT_ROOT / ".stack",
+        description="Git-ignored folder for the local stack's data, logs and pid files.",
+    )
+
+    # --- PostgreSQL ---------------------------------------------------------------------
+    postgres_port: int = Field(5432, description="PostgreSQL port.")
+    postgres_bin_dir: Path = Field(
+        Path("/usr/lib/postgresql/15/bin"), description="Folder holding initdb and postgres."
+    )
+    postgres_admin_password: SecretStr = secret(description="Superuser `postgres` password.")
+    airflow_db_password: SecretStr = secret(description="Role `airflow` (Airflow metadata).")
+    mlflow_db_password: SecretStr = secret(description="Role `mlflow` (MLflow tracking store).")
+    superset_db_password: SecretStr = secret(description="Role `superset` (Superset metadata).")
+    telemetry_db_password: SecretStr = secret(
+        description="Role `telemetry`: writes the telemetry database."
+    )
+    telemetry_reader_password: SecretStr = secret(
+        description="Role `telemetry_reader`: read-only on telemetry, used by dashboards."
+    )
+
+    # --- Kafka --------------------------------------------------------------------------
+    kafka_port: int = Field(9092, description="Kafka broker (PLAINTEXT) port.")
+    kafka_controller_port: int = Field(9093, description="Kafka KRaft controller port.")
+    kafka_heap: str = Field("768m", description="Kafka JVM heap (-Xms/-Xmx).")
+
+    # --- MLflow -------------------------------------------------------------------------
+    mlflow_port: int = Field(5000, description="MLflow tracking server port.")
+
+    # --- Airflow ------------------------------------------------------------------------
+    airflow_port: int = Field(8080, description="Airflow api-server (UI and REST) port.")
+    airflow_admin_user: str = Field("admin", description="Airflow admin user name.")
+    airflow_admin_password: SecretStr = secret(description="Airflow admin password.")
+    airflow_fernet_key: SecretStr = secret(
+        "fernet", "Encrypts connection secrets in Airflow's database."
+    )
+    airflow_jwt_secret: SecretStr = secret("token", "Signs Airflow API and task tokens.")
+    airflow_api_secret_key: SecretStr = secret("token", "Airflow api-server session secret.")
+    airflow_parallelism: int = Field(
+        4, description="Task slots across Airflow (sized for a 2-core machine)."
+    )
+
+    # --- Superset -----------------------------------------------------------------------
+    superset_port: int = Field(8088, description="Superset web server port.")
+    superset_admin_user: str = Field("admin", description="Superset admin user name.")
+    superset_admin_password: SecretStr = secret(description="Superset admin password.")
+    superset_secret_key: SecretStr = secret("token", "Superset SECRET_KEY (signs sessions).")
+
+    # --- FastF1 -------------------------------------------------------------------------
+    fastf1_cache_dir: Path = Field(
+        default_factory=_default_fastf1_cache,
+        description="FastF1 cache folder; the offline sample beside the project where it exists.",
+    )
+    fastf1_offline: bool = Field(
+        default_factory=lambda: SAMPLE_FASTF1_CACHE.is_dir(),
+        description="Never download: load only what the cache holds (default: on with the sample).",
+    )
+
+    # --- derived ------------------------------------------------------------------------
+    @property
+    def log_dir(self) -> Path:
+        return self.stack_dir / "logs"
+
+    @property
+    def kafka_bootstrap_servers(self) -> str:
+        return f"{self.bind_host}:{self.kafka_port}"
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return f"http://{self.bind_host}:{self.mlflow_port}"
+
+    @property
+    def airflow_url(self) -> str:
+        return f"http://{self.bind_host}:{self.airflow_port}"
+
+    @property
+    def superset_url(self) -> str:
+        return f"http://{self.bind_host}:{self.superset_port}"
+
+    def postgres_url(self, role: str, *, database: str | None = None, driver: str = "") -> str:
+        """SQLAlchemy/libpq URL for one of the project's roles (`driver` e.g. `psycopg`)."""
+        passwords = {
+            "postgres": self.postgres_admin_password,
+            "airflow": self.airflow_db_password,
+            "mlflow": self.mlflow_db_password,
+            "superset": self.superset_db_password,
+            "telemetry": self.telemetry_db_password,
+            "telemetry_reader": self.telemetry_reader_password,
+        }
+        password = quote(passwords[role].get_secret_value(), safe="")
+        database = database or ("telemetry" if role.startswith("telemetry") else role)
+        scheme = f"postgresql+{driver}" if driver else "postgresql"
+        return f"{scheme}://{role}:{password}@{self.bind_host}:{self.postgres_port}/{database}"
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The settings, built on first use (so importing `pipeline` never needs a `.env`)."""
+    return Settings()
