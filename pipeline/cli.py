@@ -41,6 +41,15 @@ def stack_env() -> None:
         typer.echo(f"{ENV_FILE}: present, nothing to generate")
 
 
+@stack_app.command("env-example")
+def stack_env_example() -> None:
+    """Rewrite .env.example from the Settings class (run after adding a setting)."""
+    from pipeline.stack.envfile import ENV_EXAMPLE, render_env_example
+
+    ENV_EXAMPLE.write_text(render_env_example())
+    typer.echo(f"wrote {ENV_EXAMPLE}")
+
+
 @stack_app.command("up")
 def stack_up(
     only: list[str] = typer.Option(None, "--only", help="Start just these services."),

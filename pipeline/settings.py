@@ -25,7 +25,8 @@ SecretKind = Literal["password", "token", "fernet"]
 
 def secret(kind: SecretKind = "password", description: str = "") -> Any:
     """A required secret field; `kind` tells the `.env` generator how to make one."""
-    return Field(description=description, json_schema_extra={"secret": kind})
+    # min_length: an empty or trivial value (e.g. a copied .env.example) is refused.
+    return Field(description=description, min_length=16, json_schema_extra={"secret": kind})
 
 
 def _default_fastf1_cache() -> Path:

@@ -1,8 +1,123 @@
-"""(being written)"""
+"""Airflow 3: api-server, scheduler, dag-processor and triggerer with the
+LocalExecutor and PostgreSQL metadata, configured only through environment
+variables built here (so `make up`, `f1 airflow ...` and the tests agree)."""
+
 from __future__ import annotations
-from pipeline.settings import Settings
-from pipeline.stack.process import ManagedProcess
-def prepare(settings: Settings) -> None: ...
-def configure(settings: Settings) -> None: ...
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from pipeline.settings import PROJECT_ROOT, Settings
+from pipeline.stack.process import ManagedProcess, StackError
+
+COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+
+
+def home(settings: Settings) -> Path:
+    return settings.stack_dir / "airflow"
+
+
+def passwords_file(settings: Settings) -> Path:
+    return home(settings) / "simple_auth_manager_passwords.json"
+
+
+def environment(settings: Settings) -> dict[str, str]:
+    """Everything Airflow needs, as AIRFLOW__* / AIRFLOW_CONN_* variables."""
+    kafka_conn = {
+        "conn_type": "kafka",
+        "extra": {"bootstrap.servers": settings.kafka_bootstrap_servers},
+    }
+    return {
+        "AIRFLOW_HOME": str(home(settings)),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        # The default 32 idle worker slots cost memory a 2-core box cannot spare.
+        "AIRFLOW__CORE__PARALLELISM": str(settings.airflow_parallelism),
+        "AIRFLOW__CORE__FERNET_KEY": settings.airflow_fernet_key.get_secret_value(),
+        "AIRFLOW__CORE__AUTH_MANAGER": (
+            "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+        ),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{settings.airflow_admin_user}:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file(settings)),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{settings.airflow_url}/execution/",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": settings.postgres_url("airflow", driver="psycopg"),
+        "AIRFLOW__DATABASE__LOAD_DEFAULT_CONNECTIONS": "False",
+        "AIRFLOW__API__HOST": settings.bind_host,
+        "AIRFLOW__API__PORT": str(settings.airflow_port),
+        "AIRFLOW__API__BASE_URL": settings.airflow_url,
+        "AIRFLOW__API__SECRET_KEY": settings.airflow_api_secret_key.get_secret_value(),
+        "AIRFLOW__API_AUTH__JWT_SECRET": settings.airflow_jwt_secret.get_secret_value(),
+        "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(settings.log_dir / "airflow"),
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+        "AIRFLOW_CONN_KAFKA_DEFAULT": json.dumps(kafka_conn),
+        "AIRFLOW_CONN_TELEMETRY_DB": settings.postgres_url("telemetry"),
+    }
+
+
+def airflow_bin() -> str:
+    return str(Path(sys.executable).with_name("airflow"))
+
+
+def run_cli(settings: Settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the airflow CLI with the stack's configuration."""
+    return subprocess.run(
+        [airflow_bin(), *args],
+        env={**os.environ, **environment(settings)},
+        check=check,
+        capture_output=True,
+        text=True,
+    )
+
+
+def prepare(settings: Settings) -> None:
+    home(settings).mkdir(parents=True, exist_ok=True)
+    fd = os.open(passwords_file(settings), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({settings.airflow_admin_user: settings.airflow_admin_password.get_secret_value()}, handle)
+    result = run_cli(settings, "db", "migrate", check=False)
+    if result.returncode != 0:
+        raise StackError(f"airflow db migrate failed:\n{result.stderr[-2000:]}")
+
+
+def health(settings: Settings) -> dict[str, str]:
+    """Component -> status from the api-server's monitor endpoint."""
+    body = httpx.get(f"{settings.airflow_url}/api/v2/monitor/health", timeout=3).json()
+    return {name: part.get("status") for name, part in body.items() if isinstance(part, dict)}
+
+
+def _component_healthy(settings: Settings, component: str) -> bool:
+    statuses = health(settings)
+    if component == "api-server":
+        return statuses.get("metadatabase") == "healthy"
+    return statuses.get(component.replace("-", "_")) == "healthy"
+
+
 def processes(settings: Settings) -> list[ManagedProcess]:
-    return []
+    env = environment(settings)
+    procs = []
+    for component in COMPONENTS:
+        argv = [airflow_bin(), component]
+        if component == "api-server":
+            argv += ["--host", settings.bind_host, "--port", str(settings.airflow_port)]
+        procs.append(
+            ManagedProcess(
+                name=f"airflow-{component}",
+                argv=argv,
+                env=env,
+                run_dir=settings.stack_dir / "run",
+                log_file=settings.log_dir / f"airflow-{component}.log",
+                # Every component is proved alive through the api-server's view of
+                # its heartbeat, so the api-server starts first.
+                health=lambda c=component: _component_healthy(settings, c),  # type: ignore[misc]
+                ports=[(settings.bind_host, settings.airflow_port)] if component == "api-server" else [],
+                start_timeout=180,
+            )
+        )
+    return procs

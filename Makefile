@@ -1,0 +1,28 @@
+# The README's commands. `make up` installs what is missing, starts the local
+# stack and runs the main job; `make test` runs the test suite against it.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+F1 := .venv/bin/f1
+
+.PHONY: help install up down status test lint
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+install:  ## install packages, Python environments and Kafka jars (idempotent)
+	@bash infra/bootstrap.sh
+
+up: install  ## start the whole stack and run the main job
+	@$(F1) stack up
+
+down:  ## stop the stack (harmless when nothing runs)
+	@if [ -x $(F1) ]; then $(F1) stack down; else echo "nothing to stop: not installed yet"; fi
+
+status:  ## each service: running, healthy, URL
+	@if [ -x $(F1) ]; then $(F1) stack status; else echo "not installed yet: run make up"; fi
+
+test: install  ## the test suite (starts the stack if needed, stops what it started)
+	@.venv/bin/pytest
+
+lint: install  ## ruff and mypy
+	@.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
