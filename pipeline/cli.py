@@ -93,6 +93,21 @@ def stack_status() -> None:
         raise typer.Exit(1)
 
 
+@app.command(
+    "airflow",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def airflow_cli(ctx: typer.Context) -> None:
+    """The airflow CLI with the stack's configuration, e.g. `f1 airflow dags test f1_export`."""
+    import os
+
+    from pipeline.stack import airflow_server
+
+    env = {**os.environ, **airflow_server.environment(get_settings())}
+    os.execve(airflow_server.airflow_bin(), [airflow_server.airflow_bin(), *ctx.args], env)
+
+
 def _print_status(settings: object) -> bool:
     from pipeline.stack import manager
 

@@ -105,12 +105,13 @@ def up(settings: Settings, *, only: set[str] | None = None) -> list[str]:
 
 
 def down(settings: Settings, *, only: set[str] | None = None) -> list[str]:
-    """Stop services (all by default) in reverse order. Harmless when nothing runs."""
+    """Stop services or single processes (all by default), in reverse start order.
+    Harmless when nothing runs. Returns the names of the processes stopped."""
     stopped = []
     for service in reversed(SERVICES):
-        if only is not None and service.name not in only:
-            continue
         for proc in reversed(service.processes(settings)):
+            if only is not None and service.name not in only and proc.name not in only:
+                continue
             if proc.stop():
                 stopped.append(proc.name)
     return stopped

@@ -159,6 +159,10 @@ def provision(settings: Settings) -> None:
                         sql.Identifier(database), sql.Identifier(owner)
                     )
                 )
+            # Each role reaches its own database only (PUBLIC may connect by default).
+            conn.execute(
+                sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database))
+            )
         conn.execute(
             sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(
                 sql.Identifier(READER_ROLE)

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
+
+from pipeline.settings import Settings
+
+
+@pytest.fixture
+def topic(stack: Settings, airflow_env: dict[str, str]) -> str:
+    """A fresh topic created with 3 partitions through the Kafka provider's admin hook."""
+    from airflow.providers.apache.kafka.hooks.client import KafkaAdminClientHook
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    hook = KafkaAdminClientHook(kafka_config_id="kafka_default")
+    hook.create_topic([(name, 3, 1)])
+    yield name
+    hook.delete_topic([name])
+
+
+def test_topic_created_through_the_admin_hook_is_described_back(stack: Settings, topic: str) -> None:
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap_servers})
+    metadata = admin.list_topics(topic=topic, timeout=10)
+    assert metadata.topics[topic].error is None
+    assert sorted(metadata.topics[topic].partitions) == [0, 1, 2]
+
+
+def test_auto_topic_creation_is_off(stack: Settings) -> None:
+    name = f"never-created-{uuid.uuid4().hex[:8]}"
+    producer = Producer({"bootstrap.servers": stack.kafka_bootstrap_servers})
+    errors: list[str] = []
+    producer.produce(name, b"x", on_delivery=lambda err, msg: errors.append(str(err)))
+    producer.flush(15)
+    admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap_servers})
+    assert name not in admin.list_topics(timeout=10).topics
+
+
+def test_message_round_trip_through_the_broker(stack: Settings, topic: str) -> None:
+    producer = Producer(
+        {"bootstrap.servers": stack.kafka_bootstrap_servers, "enable.idempotence": True}
+    )
+    sent = {f"2023_Monaco_R:{n}".encode(): f"sample-{n}".encode() for n in (1, 11, 16)}
+    for key, value in sent.items():
+        producer.produce(topic, value=value, key=key)
+    assert producer.flush(15) == 0
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": stack.kafka_bootstrap_servers,
+            "group.id": f"test-{topic}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    received: dict[bytes, bytes] = {}
+    try:
+        for _ in range(30):
+            for msg in consumer.consume(num_messages=10, timeout=1.0):
+                assert msg.error() is None
+                received[msg.key()] = msg.value()
+            if len(received) == len(sent):
+                break
+    finally:
+        consumer.close()
+    assert received == sent
