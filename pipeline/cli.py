@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Annotated
 
 import typer
 
@@ -52,7 +53,9 @@ def stack_env_example() -> None:
 
 @stack_app.command("up")
 def stack_up(
-    only: list[str] = typer.Option(None, "--only", help="Start just these services."),
+    only: Annotated[
+        list[str] | None, typer.Option("--only", help="Start just these services.")
+    ] = None,
 ) -> None:
     """Start every service and wait until each is healthy (idempotent)."""
     from pipeline.stack import manager

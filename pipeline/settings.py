@@ -8,9 +8,9 @@ generated values, so no service ever runs with a default or empty password.
 from __future__ import annotations
 
 import functools
-from urllib.parse import quote
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict

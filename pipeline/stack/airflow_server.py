@@ -80,7 +80,10 @@ def prepare(settings: Settings) -> None:
     home(settings).mkdir(parents=True, exist_ok=True)
     fd = os.open(passwords_file(settings), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        json.dump({settings.airflow_admin_user: settings.airflow_admin_password.get_secret_value()}, handle)
+        json.dump(
+            {settings.airflow_admin_user: settings.airflow_admin_password.get_secret_value()},
+            handle,
+        )
     result = run_cli(settings, "db", "migrate", check=False)
     if result.returncode != 0:
         raise StackError(f"airflow db migrate failed:\n{result.stderr[-2000:]}")
@@ -89,7 +92,7 @@ def prepare(settings: Settings) -> None:
 def health(settings: Settings) -> dict[str, str]:
     """Component -> status from the api-server's monitor endpoint."""
     body = httpx.get(f"{settings.airflow_url}/api/v2/monitor/health", timeout=3).json()
-    return {name: part.get("status") for name, part in body.items() if isinstance(part, dict)}
+    return {name: str(part.get("status")) for name, part in body.items() if isinstance(part, dict)}
 
 
 def _component_healthy(settings: Settings, component: str) -> bool:
@@ -116,7 +119,9 @@ def processes(settings: Settings) -> list[ManagedProcess]:
                 # Every component is proved alive through the api-server's view of
                 # its heartbeat, so the api-server starts first.
                 health=lambda c=component: _component_healthy(settings, c),  # type: ignore[misc]
-                ports=[(settings.bind_host, settings.airflow_port)] if component == "api-server" else [],
+                ports=[(settings.bind_host, settings.airflow_port)]
+                if component == "api-server"
+                else [],
                 start_timeout=180,
             )
         )

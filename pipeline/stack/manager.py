@@ -91,14 +91,14 @@ def up(settings: Settings, *, only: set[str] | None = None) -> list[str]:
     started = _bring_up(POSTGRES, settings)
     with ThreadPoolExecutor(max_workers=len(wanted) or 1) as pool:
         futures = [pool.submit(_bring_up, s, settings) for s in wanted]
-        errors = []
+        errors: list[Exception] = []
         for future in futures:
             try:
                 started += future.result()
-            except Exception as err:  # report every failing service, not just the first
-                errors.append(err)
-    for err in errors[1:]:
-        log.error("%s", err)
+            except Exception as failure:  # report every failing service, not just the first
+                errors.append(failure)
+    for extra in errors[1:]:
+        log.error("%s", extra)
     if errors:
         raise errors[0]
     return started

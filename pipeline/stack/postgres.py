@@ -22,7 +22,12 @@ from pipeline.stack.process import ManagedProcess, StackError
 log = logging.getLogger(__name__)
 
 # database -> owning role; `telemetry_reader` gets read-only access to telemetry.
-DATABASES = {"airflow": "airflow", "mlflow": "mlflow", "superset": "superset", "telemetry": "telemetry"}
+DATABASES = {
+    "airflow": "airflow",
+    "mlflow": "mlflow",
+    "superset": "superset",
+    "telemetry": "telemetry",
+}
 READER_ROLE = "telemetry_reader"
 
 
@@ -118,7 +123,9 @@ def process(settings: Settings) -> ManagedProcess:
     )  # fmt: skip
 
 
-def admin_connect(settings: Settings, database: str = "postgres") -> psycopg.Connection[tuple]:
+def admin_connect(
+    settings: Settings, database: str = "postgres"
+) -> psycopg.Connection[tuple[object, ...]]:
     try:
         return psycopg.connect(
             settings.postgres_url("postgres", database=database), autocommit=True
@@ -153,7 +160,9 @@ def provision(settings: Settings) -> None:
                 )
             )
         for database, owner in DATABASES.items():
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [database]).fetchone():
+            if not conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", [database]
+            ).fetchone():
                 conn.execute(
                     sql.SQL("CREATE DATABASE {} OWNER {}").format(
                         sql.Identifier(database), sql.Identifier(owner)
@@ -161,7 +170,9 @@ def provision(settings: Settings) -> None:
                 )
             # Each role reaches its own database only (PUBLIC may connect by default).
             conn.execute(
-                sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(sql.Identifier(database))
+                sql.SQL("REVOKE CONNECT ON DATABASE {} FROM PUBLIC").format(
+                    sql.Identifier(database)
+                )
             )
         conn.execute(
             sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(

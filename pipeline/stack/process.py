@@ -4,6 +4,7 @@ signalling its whole group."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -166,10 +167,8 @@ class ManagedProcess:
             time.sleep(0.2)
         if _group_alive(pgid):
             log.warning("%s: still running after %.0f s; killing it", self.name, self.stop_timeout)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.pid_file.unlink(missing_ok=True)
         log.info("%s: stopped", self.name)
         return True

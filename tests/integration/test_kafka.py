@@ -21,7 +21,9 @@ def topic(stack: Settings, airflow_env: dict[str, str]) -> str:
     hook.delete_topic([name])
 
 
-def test_topic_created_through_the_admin_hook_is_described_back(stack: Settings, topic: str) -> None:
+def test_topic_created_through_the_admin_hook_is_described_back(
+    stack: Settings, topic: str
+) -> None:
     admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap_servers})
     metadata = admin.list_topics(topic=topic, timeout=10)
     assert metadata.topics[topic].error is None

@@ -13,9 +13,10 @@ def test_writer_writes_reader_reads_and_reader_cannot_insert(stack: Settings) ->
     table = sql.Identifier(f"roles_check_{uuid.uuid4().hex[:8]}")
     with psycopg.connect(stack.postgres_url("telemetry")) as writer:
         writer.execute(sql.SQL("CREATE TABLE {} (driver int, speed real)").format(table))
-        with writer.cursor() as cur, cur.copy(
-            sql.SQL("COPY {} (driver, speed) FROM STDIN").format(table)
-        ) as copy:
+        with (
+            writer.cursor() as cur,
+            cur.copy(sql.SQL("COPY {} (driver, speed) FROM STDIN").format(table)) as copy,
+        ):
             for row in [(1, 291.0), (16, 288.5)]:
                 copy.write_row(row)
     try:
@@ -24,8 +25,11 @@ def test_writer_writes_reader_reads_and_reader_cannot_insert(stack: Settings) ->
                 sql.SQL("SELECT driver, speed FROM {} ORDER BY driver").format(table)
             ).fetchall()
             assert rows == [(1, 291.0), (16, 288.5)]
-        with psycopg.connect(stack.postgres_url("telemetry_reader")) as reader, pytest.raises(
-            (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction)
+        with (
+            psycopg.connect(stack.postgres_url("telemetry_reader")) as reader,
+            pytest.raises(
+                (psycopg.errors.InsufficientPrivilege, psycopg.errors.ReadOnlySqlTransaction)
+            ),
         ):
             reader.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s)").format(table), [44, 1.0])
     finally:

@@ -72,7 +72,9 @@ def test_postgres_url_quotes_passwords(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setenv("TELEMETRY_READER_PASSWORD", "p@ss/w:rd-long-enough")
     settings = Settings(_env_file=env)  # type: ignore[call-arg]
     url = settings.postgres_url("telemetry_reader", driver="psycopg")
-    assert url.startswith("postgresql+psycopg://telemetry_reader:p%40ss%2Fw%3Ard-long-enough@127.0.0.1:")
+    assert url.startswith(
+        "postgresql+psycopg://telemetry_reader:p%40ss%2Fw%3Ard-long-enough@127.0.0.1:"
+    )
     assert url.endswith("/telemetry")
 
 
