@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     # --- Kafka --------------------------------------------------------------------------
     kafka_port: int = Field(9092, description="Kafka broker (PLAINTEXT) port.")
     kafka_controller_port: int = Field(9093, description="Kafka KRaft controller port.")
-    kafka_heap: str = Field("768m", description="Kafka JVM heap (-Xms/-Xmx).")
+    kafka_heap: str = Field("512m", description="Kafka JVM heap (-Xms/-Xmx).")
 
     # --- MLflow -------------------------------------------------------------------------
     mlflow_port: int = Field(5000, description="MLflow tracking server port.")

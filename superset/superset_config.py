@@ -18,8 +18,9 @@ def _required(name: str) -> str:
     return value
 
 
-# Signs session cookies and JWTs and encrypts stored DB passwords: changing it makes the
-# saved `telemetry` password undecryptable (re-run `superset set-database-uri`).
+# Signs session cookies and JWTs and encrypts stored DB passwords. Keep it stable: after a
+# change the saved `telemetry` password no longer decrypts ("Invalid decryption key"), and
+# 6.1's `superset re-encrypt-secrets` is a silent no-op (apache/superset#39391).
 SECRET_KEY = _required("SUPERSET_SECRET_KEY")
 if len(SECRET_KEY) < 32:
     raise RuntimeError("SUPERSET_SECRET_KEY is too short: use `openssl rand -base64 42`.")
@@ -62,8 +63,12 @@ WTF_CSRF_ENABLED = True
 # Refuse SQLite and other unsafe URIs as data sources; only PostgreSQL is expected.
 PREVENT_UNSAFE_DB_CONNECTIONS = True
 
-# SQL Lab: defaults (DML off per database, 30 s sync timeout) are right for a read-only role.
-SQLLAB_TIMEOUT = 60
+# SQL Lab defaults kept: DML off per database, 30 s sync query timeout (< gunicorn --timeout).
 
 # Quiet logs: warnings and above unless SUPERSET_LOG_LEVEL says otherwise.
 LOG_LEVEL = getattr(logging, os.environ.get("SUPERSET_LOG_LEVEL", "WARNING").upper())
+# 6.1 wheels lack the frontend source file this warns about on every page view (cosmetic,
+# apache/superset#40478; the UI falls back to its bundled spinner): drop just that line.
+logging.getLogger("superset.views.base").addFilter(
+    lambda record: not record.getMessage().startswith("Could not load default spinner SVG")
+)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -48,7 +49,6 @@ def environment(settings: Settings) -> dict[str, str]:
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords_file(settings)),
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{settings.airflow_url}/execution/",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": settings.postgres_url("airflow", driver="psycopg"),
-        "AIRFLOW__DATABASE__LOAD_DEFAULT_CONNECTIONS": "False",
         "AIRFLOW__API__HOST": settings.bind_host,
         "AIRFLOW__API__PORT": str(settings.airflow_port),
         "AIRFLOW__API__BASE_URL": settings.airflow_url,
@@ -95,30 +95,43 @@ def health(settings: Settings) -> dict[str, str]:
     return {name: str(part.get("status")) for name, part in body.items() if isinstance(part, dict)}
 
 
-def _component_healthy(settings: Settings, component: str) -> bool:
-    statuses = health(settings)
+def _component_healthy(settings: Settings, component: str, started: Path) -> bool:
+    body = httpx.get(f"{settings.airflow_url}/api/v2/monitor/health", timeout=3).json()
     if component == "api-server":
-        return statuses.get("metadatabase") == "healthy"
-    return statuses.get(component.replace("-", "_")) == "healthy"
+        return bool(body["metadatabase"]["status"] == "healthy")
+    part = body.get(component.replace("-", "_")) or {}
+    beat = next((v for k, v in part.items() if k.startswith("latest_")), None)
+    if part.get("status") != "healthy" or not beat:
+        return False
+    # A heartbeat older than this start may be a predecessor's (it stays "healthy" ~30 s).
+    return datetime.fromisoformat(beat).timestamp() >= started.stat().st_mtime - 1
 
 
 def processes(settings: Settings) -> list[ManagedProcess]:
     env = environment(settings)
+    run_dir = settings.stack_dir / "run"
+    extra_args = {
+        "api-server": ["--host", settings.bind_host, "--port", str(settings.airflow_port),
+                       "--workers", "1"],
+        # Their log servers bind every interface (not configurable): task logs are
+        # read from the shared log folder instead.
+        "scheduler": ["--skip-serve-logs"],
+        "triggerer": ["--skip-serve-logs"],
+        "dag-processor": [],
+    }  # fmt: skip
     procs = []
     for component in COMPONENTS:
-        argv = [airflow_bin(), component]
-        if component == "api-server":
-            argv += ["--host", settings.bind_host, "--port", str(settings.airflow_port)]
+        pid_file = run_dir / f"airflow-{component}.pid"
         procs.append(
             ManagedProcess(
                 name=f"airflow-{component}",
-                argv=argv,
+                argv=[airflow_bin(), component, *extra_args[component]],
                 env=env,
-                run_dir=settings.stack_dir / "run",
+                run_dir=run_dir,
                 log_file=settings.log_dir / f"airflow-{component}.log",
                 # Every component is proved alive through the api-server's view of
                 # its heartbeat, so the api-server starts first.
-                health=lambda c=component: _component_healthy(settings, c),  # type: ignore[misc]
+                health=lambda c=component, p=pid_file: _component_healthy(settings, c, p),  # type: ignore[misc]
                 ports=[(settings.bind_host, settings.airflow_port)]
                 if component == "api-server"
                 else [],

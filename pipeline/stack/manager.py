@@ -88,6 +88,8 @@ def up(settings: Settings, *, only: set[str] | None = None) -> list[str]:
     and is healthy is left alone. Returns the names of the processes started now."""
     wanted = [s for s in DEPENDENT_SERVICES if only is None or s.name in only]
     settings.log_dir.mkdir(parents=True, exist_ok=True)
+    # Logs may echo connection strings on failure: keep them private.
+    settings.log_dir.chmod(0o700)
     started = _bring_up(POSTGRES, settings)
     with ThreadPoolExecutor(max_workers=len(wanted) or 1) as pool:
         futures = [pool.submit(_bring_up, s, settings) for s in wanted]

@@ -65,6 +65,10 @@ class ManagedProcess:
     stop_signal: signal.Signals = signal.SIGTERM
     start_timeout: float = 120.0
     stop_timeout: float = 60.0
+    # Where the process writes its real log, if not to stdout (e.g. Kafka's server.log).
+    diagnostic_log: Path | None = None
+    # Turns the log text of a failed start into advice for the user, when it recognises it.
+    advise: Callable[[str], str | None] = lambda text: None
 
     @property
     def pid_file(self) -> Path:
@@ -126,9 +130,13 @@ class ManagedProcess:
             code = proc.poll()
             self.stop()
             why = f"exited with code {code}" if code is not None else "did not become healthy"
+            log_path = self.diagnostic_log or self.log_file
+            text = tail(log_path, 200)
+            advice = self.advise(text)
             raise StackError(
-                f"{self.name} {why} within {self.start_timeout:.0f} s; its log "
-                f"{self.log_file} ends with:\n{tail(self.log_file)}"
+                f"{self.name} {why} within {self.start_timeout:.0f} s"
+                + (f": {advice}" if advice else "")
+                + f"\nits log {log_path} ends with:\n{tail(log_path)}"
             )
         return True
 
@@ -162,23 +170,27 @@ class ManagedProcess:
         except ProcessLookupError:
             self.pid_file.unlink(missing_ok=True)
             return False
+        # start_new_session made the leader's pid the session id too; children that
+        # open their own process group (Airflow's task runners) stay in the session.
         deadline = time.monotonic() + self.stop_timeout
-        while time.monotonic() < deadline and _group_alive(pgid):
+        while time.monotonic() < deadline and _session_members(pid):
             time.sleep(0.2)
-        if _group_alive(pgid):
+        if _session_members(pid):
             log.warning("%s: still running after %.0f s; killing it", self.name, self.stop_timeout)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
+            for member in _session_members(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(member, signal.SIGKILL)
         self.pid_file.unlink(missing_ok=True)
         log.info("%s: stopped", self.name)
         return True
 
 
-def _group_alive(pgid: int) -> bool:
+def _session_members(sid: int) -> list[int]:
+    members = []
     for proc in psutil.process_iter(["pid"]):
         try:
-            if os.getpgid(proc.pid) == pgid and proc.status() != psutil.STATUS_ZOMBIE:
-                return True
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                members.append(proc.pid)
         except (ProcessLookupError, psutil.NoSuchProcess):
             continue
-    return False
+    return members
