@@ -69,3 +69,23 @@ def test_message_round_trip_through_the_broker(stack: Settings, topic: str) -> N
     finally:
         consumer.close()
     assert received == sent
+
+
+def test_damaged_data_folder_is_reported_and_kept(stack: Settings) -> None:
+    from pipeline.stack import kafka_server, manager
+    from pipeline.stack.process import StackError
+
+    manager.down(stack, only={"kafka"})
+    meta = kafka_server.data_dir(stack) / "meta.properties"
+    aside = meta.with_suffix(".aside")
+    meta.rename(aside)
+    files_before = sorted(p.name for p in kafka_server.data_dir(stack).iterdir())
+    try:
+        with pytest.raises(StackError, match=r"Kafka data folder .* is damaged.*move it aside"):
+            manager.up(stack, only={"kafka"})
+        # Nothing in the folder was deleted or rewritten by the failed start.
+        assert sorted(p.name for p in kafka_server.data_dir(stack).iterdir()) == files_before
+    finally:
+        aside.rename(meta)
+        manager.up(stack, only={"kafka"})
+    assert kafka_server.processes(stack)[0].healthy()

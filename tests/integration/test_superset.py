@@ -12,7 +12,9 @@ def test_api_lists_the_telemetry_database_through_the_reader_role(stack: Setting
         headers = {"Authorization": f"Bearer {token}"}
         databases = client.get("/api/v1/database/", headers=headers).json()["result"]
         telemetry = next(d for d in databases if d["database_name"] == "telemetry")
-        detail = client.get(f"/api/v1/database/{telemetry['id']}", headers=headers).json()
+        detail = client.get(
+            f"/api/v1/database/{telemetry['id']}/connection", headers=headers
+        ).json()
         # The stored URI names the read-only role (its password masked by Superset).
         assert detail["result"]["sqlalchemy_uri"].startswith(
             "postgresql+psycopg2://telemetry_reader:"
