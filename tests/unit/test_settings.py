@@ -16,6 +16,11 @@ def _env_values(path: Path) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in pairs if not k.startswith("#")}
 
 
+@pytest.fixture(autouse=True)
+def no_secrets_in_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the .env file under test may supply secrets."""
+
+
 def test_env_example_lists_every_setting() -> None:
     # .env.example is derived from Settings; regenerate with `f1 stack env-example`.
     assert ENV_EXAMPLE.read_text() == render_env_example()
@@ -24,8 +29,6 @@ def test_env_example_lists_every_setting() -> None:
 
 
 def test_secrets_have_no_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in secret_names():
-        monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValidationError) as err:
         Settings(_env_file=tmp_path / "missing.env")  # type: ignore[call-arg]
     missing = {e["loc"][0] for e in err.value.errors()}
@@ -35,8 +38,6 @@ def test_secrets_have_no_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 def test_env_file_generated_with_fresh_secrets(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    for name in secret_names():
-        monkeypatch.delenv(name, raising=False)
     env = tmp_path / ".env"
     generated = ensure_env_file(env)
     assert sorted(generated) == sorted(secret_names())
@@ -52,8 +53,6 @@ def test_env_file_generated_with_fresh_secrets(
 def test_env_file_keeps_existing_values_and_adds_missing(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    for name in secret_names():
-        monkeypatch.delenv(name, raising=False)
     env = tmp_path / ".env"
     env.write_text("POSTGRES_PORT=6543\nAIRFLOW_ADMIN_PASSWORD=kept-as-is\n")
     generated = ensure_env_file(env)
@@ -89,8 +88,6 @@ def test_services_listen_on_loopback_by_default(tmp_path: Path) -> None:
 def test_empty_secret_is_refused_and_regenerated(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    for name in secret_names():
-        monkeypatch.delenv(name, raising=False)
     env = tmp_path / ".env"
     env.write_text("SUPERSET_ADMIN_PASSWORD=\n")
     with pytest.raises(ValidationError, match="superset_admin_password"):
