@@ -111,6 +111,50 @@ def airflow_cli(ctx: typer.Context) -> None:
     os.execve(airflow_server.airflow_bin(), [airflow_server.airflow_bin(), *ctx.args], env)
 
 
+@app.command("export")
+def export(
+    year: Annotated[int, typer.Option(help="Season, e.g. 2023.")] = 2023,
+    event: Annotated[str, typer.Option(help="Event name, location or country.")] = "Monaco",
+    session: Annotated[str, typer.Option(help="Session: R, Q, S, FP1...")] = "R",
+) -> None:
+    """Export a FastF1 session to Parquet + CSV + manifest, and print its sample rates."""
+    import json
+    import logging as _logging
+
+    import pandas as pd
+    from tqdm import tqdm
+
+    from pipeline.sources.export import EXPORT_STEPS, export_session
+    from pipeline.sources.fastf1_session import SessionNotAvailable
+
+    _logging.getLogger("fastf1").setLevel(_logging.ERROR)
+    with tqdm(total=len(EXPORT_STEPS), desc=f"{year} {event} {session}", unit="step") as bar:
+
+        def step(name: str) -> None:
+            if bar.n or name != EXPORT_STEPS[0]:
+                bar.update(1)
+            bar.set_postfix_str(name)
+
+        try:
+            folder = export_session(year, event, session, on_step=step)
+        except (SessionNotAvailable, ValueError) as err:
+            bar.close()
+            _fail(str(err))
+        bar.update(bar.total - bar.n)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    report = pd.read_parquet(folder / "frequency.parquet")
+    typer.echo(
+        f"exported {manifest['rows']['telemetry']:,} samples of "
+        f"{len(manifest['drivers'])} cars to {folder}"
+    )
+    typer.echo(report.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    typer.echo(
+        f"car data: median interval {manifest['car_data_median_interval_s']:.3f} s "
+        f"({1 / manifest['car_data_median_interval_s']:.2f} Hz), mean rate "
+        f"{manifest['car_data_mean_rate_hz']:.2f} Hz including gaps"
+    )
+
+
 def _print_status(settings: object) -> bool:
     from pipeline.stack import manager
 

@@ -100,6 +100,10 @@ class Settings(BaseSettings):
         default_factory=_default_fastf1_cache,
         description="FastF1 cache folder; the offline sample beside the project where it exists.",
     )
+    export_dir: Path = Field(
+        PROJECT_ROOT / "data" / "exports",
+        description="Where exported sessions (Parquet dataset, CSV, manifest) are written.",
+    )
     fastf1_offline: bool = Field(
         default_factory=lambda: SAMPLE_FASTF1_CACHE.is_dir(),
         description="Never download: load only what the cache holds (default: on with the sample).",
