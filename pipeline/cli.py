@@ -113,46 +113,62 @@ def airflow_cli(ctx: typer.Context) -> None:
 
 @app.command("export")
 def export(
-    year: Annotated[int, typer.Option(help="Season, e.g. 2023.")] = 2023,
+    year: Annotated[
+        int | None, typer.Option(help="Season, e.g. 2023. Omit for the three sample races.")
+    ] = None,
     event: Annotated[str, typer.Option(help="Event name, location or country.")] = "Monaco",
     session: Annotated[str, typer.Option(help="Session: R, Q, S, FP1...")] = "R",
+    csv: Annotated[bool, typer.Option(help="Also write the CSV copy.")] = True,
+    skip_existing: Annotated[
+        bool, typer.Option(help="Leave sessions that are already exported alone.")
+    ] = False,
 ) -> None:
-    """Export a FastF1 session to Parquet + CSV + manifest, and print its sample rates."""
-    import json
+    """Export FastF1 sessions to Parquet (+ CSV) with a manifest; print their sample rates."""
     import logging as _logging
 
     import pandas as pd
     from tqdm import tqdm
 
-    from pipeline.sources.export import EXPORT_STEPS, export_session
+    from pipeline.sources.export import (
+        EXPORT_STEPS,
+        SAMPLE_SESSIONS,
+        export_session,
+        read_manifest,
+        session_key,
+    )
     from pipeline.sources.fastf1_session import SessionNotAvailable
 
     _logging.getLogger("fastf1").setLevel(_logging.ERROR)
-    with tqdm(total=len(EXPORT_STEPS), desc=f"{year} {event} {session}", unit="step") as bar:
+    chosen = SAMPLE_SESSIONS if year is None else ((year, event, session),)
+    formats = ("parquet", "csv") if csv else ("parquet",)
+    for y, e, s in chosen:
+        key = session_key(y, f"{e} Grand Prix", s)
+        if skip_existing and read_manifest(key):
+            typer.echo(f"{key}: already exported, skipped")
+            continue
+        with tqdm(total=len(EXPORT_STEPS), desc=f"{y} {e} {s}", unit="step") as bar:
 
-        def step(name: str) -> None:
-            if bar.n or name != EXPORT_STEPS[0]:
-                bar.update(1)
-            bar.set_postfix_str(name)
+            def step(name: str, bar: tqdm = bar) -> None:
+                if name != EXPORT_STEPS[0]:
+                    bar.update(1)
+                bar.set_postfix_str(name)
 
-        try:
-            folder = export_session(year, event, session, on_step=step)
-        except (SessionNotAvailable, ValueError) as err:
-            bar.close()
-            _fail(str(err))
-        bar.update(bar.total - bar.n)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    report = pd.read_parquet(folder / "frequency.parquet")
-    typer.echo(
-        f"exported {manifest['rows']['telemetry']:,} samples of "
-        f"{len(manifest['drivers'])} cars to {folder}"
-    )
-    typer.echo(report.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    typer.echo(
-        f"car data: median interval {manifest['car_data_median_interval_s']:.3f} s "
-        f"({1 / manifest['car_data_median_interval_s']:.2f} Hz), mean rate "
-        f"{manifest['car_data_mean_rate_hz']:.2f} Hz including gaps"
-    )
+            try:
+                folder = export_session(y, e, s, formats=formats, on_step=step)
+            except (SessionNotAvailable, ValueError) as err:
+                bar.close()
+                _fail(str(err))
+            bar.update(bar.total - bar.n)
+        manifest = read_manifest(folder.name) or {}
+        report = pd.read_parquet(folder / "frequency.parquet")
+        interval = manifest["car_data_median_interval_s"]
+        typer.echo(
+            f"{folder.name}: {manifest['rows']['telemetry']:,} samples of "
+            f"{len(manifest['drivers'])} cars -> {folder}\n"
+            f"  car data per car: median interval {interval:.3f} s ({1 / interval:.2f} Hz), "
+            f"mean {manifest['car_data_mean_rate_hz']:.2f} Hz with gaps, "
+            f"{int(report['gaps_over_1s'].median())} gaps > 1 s (median car)"
+        )
 
 
 def _print_status(settings: object) -> bool:

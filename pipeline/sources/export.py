@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +38,11 @@ SIDE_TABLES = {
     "weather": "weather_data",
     "results": "results",
 }
+
+
+# The offline sample: 2021 and 2024 train the models, 2023 is validated on and replayed.
+SAMPLE_SESSIONS = ((2021, "Monaco", "R"), (2023, "Monaco", "R"), (2024, "Monaco", "R"))
+FORMATS = ("parquet", "csv")
 
 
 def session_key(year: int, event: str, session: str) -> str:
@@ -68,8 +73,10 @@ def write_export(
     *,
     export_dir: Path,
     extra_manifest: dict[str, Any],
+    formats: Sequence[str] = FORMATS,
 ) -> Path:
-    """Write one export atomically and return its folder."""
+    """Write one export atomically and return its folder. The Parquet dataset is
+    always written (replay and training read it); `csv` adds the CSV copy."""
     if telemetry.empty:
         raise ValueError(f"{key}: the session has no telemetry samples; nothing exported.")
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -84,12 +91,14 @@ def write_export(
             _write_parquet(frame, staging / f"{name}.parquet")
         report = frequency_report(telemetry)
         _write_parquet(report, staging / "frequency.parquet")
-        telemetry.to_csv(
-            staging / "telemetry.csv", index=False, date_format="%Y-%m-%dT%H:%M:%S.%fZ"
-        )
+        if "csv" in formats:
+            telemetry.to_csv(
+                staging / "telemetry.csv", index=False, date_format="%Y-%m-%dT%H:%M:%S.%fZ"
+            )
         manifest = {
             "key": key,
             **extra_manifest,
+            "formats": sorted({"parquet", *formats}),
             "rows": {"telemetry": len(telemetry), **{k: len(v) for k, v in side_tables.items()}},
             "drivers": sorted(int(n) for n in telemetry["driver_number"].unique()),
             "time_range_utc": [
@@ -126,6 +135,7 @@ def export_session(
     session: str = "R",
     *,
     settings: Settings | None = None,
+    formats: Sequence[str] = FORMATS,
     on_step: Callable[[str], None] = lambda step: None,
 ) -> Path:
     """Load a session with FastF1 and export it; returns the export folder.
@@ -145,6 +155,7 @@ def export_session(
         telemetry,
         side,
         export_dir=settings.export_dir,
+        formats=formats,
         extra_manifest={
             "year": year,
             "event": str(loaded.event["EventName"]),
@@ -163,3 +174,9 @@ def _plain(frame: Any) -> pd.DataFrame:
         if plain[column].dtype == object:
             plain[column] = plain[column].astype("string")
     return plain
+
+
+def read_manifest(key: str, *, settings: Settings | None = None) -> dict[str, Any] | None:
+    """The manifest of an existing export, or None."""
+    path = (settings or get_settings()).export_dir / key / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None

@@ -53,3 +53,20 @@ def test_api_refuses_a_wrong_password(stack: Settings) -> None:
 @pytest.mark.parametrize("component", ["metadatabase", "scheduler", "triggerer", "dag_processor"])
 def test_every_component_reports_healthy(stack: Settings, component: str) -> None:
     assert airflow_server.health(stack)[component] == "healthy"
+
+
+def test_export_dag_records_an_asset_event(stack: Settings, airflow_api: httpx.Client) -> None:
+    conf = '{"year": 2024, "event": "Monaco", "session": "R", "formats": ["parquet"]}'
+    result = airflow_server.run_cli(stack, "dags", "test", "f1_export", "--conf", conf, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = airflow_api.get(
+        "/dags/f1_export/dagRuns", params={"order_by": "-start_date", "limit": 1}
+    ).json()["dag_runs"][0]
+    assert run["state"] == "success"
+    asset = airflow_api.get("/assets", params={"name_pattern": "f1_telemetry_exports"}).json()
+    events = airflow_api.get(
+        "/assets/events",
+        params={"asset_id": asset["assets"][0]["id"], "source_run_id": run["dag_run_id"]},
+    ).json()["asset_events"]
+    assert [e["extra"]["key"] for e in events] == ["2024_Monaco_R"]
+    assert events[0]["extra"]["rows"] == 907_080
