@@ -25,8 +25,19 @@ Batch = dict[str, "np.ndarray"]
 def load_samples(export_folder: Path, columns: list[str] | None = None) -> pd.DataFrame:
     """The telemetry of one export in event-time order (car order kept within ties)."""
     import pandas as pd
+    import pyarrow as pa
 
-    table = pd.read_parquet(export_folder / "telemetry", columns=columns)
+    if not (export_folder / "manifest.json").exists():
+        raise FileNotFoundError(
+            f"{export_folder} is not a finished export (no manifest.json): run `f1 export` for it."
+        )
+    try:
+        table = pd.read_parquet(export_folder / "telemetry", columns=columns)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(
+            f"the export {export_folder} is damaged ({err}); export the session again "
+            "with `f1 export` (it replaces the folder atomically)."
+        ) from err
     table["driver_number"] = table["driver_number"].astype("int16")
     # Stable sort on time alone: per car, samples keep their exported order.
     return table.sort_values("session_time_s", kind="stable").reset_index(drop=True)

@@ -27,6 +27,11 @@ def _car_samples(session: Session) -> pd.DataFrame:
 
     frames = []
     for number, samples in session.car_data.items():
+        if samples.empty:
+            raise ValueError(
+                f"driver {number} has no car data in this session; the source is incomplete, "
+                "so nothing is exported (reload the session into the FastF1 cache)."
+            )
         frame = pd.DataFrame(samples[["Date", "SessionTime", *CAR_CHANNELS]])
         frame["driver_number"] = int(number)
         frames.append(frame)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -66,3 +68,17 @@ def test_start_offset_skips_the_beginning(samples: pd.DataFrame) -> None:
     replay = Replay(samples, speed=None, start_offset_s=1800)
     assert next(iter(replay))["session_time_s"][0] >= start
     assert len(replay) == int((samples["session_time_s"] >= start).sum())
+
+
+def test_damaged_export_is_a_clear_error(samples: pd.DataFrame, tmp_path: Path) -> None:
+    folder = write_export(
+        "broken", samples.head(1000), {}, export_dir=tmp_path, extra_manifest={},
+        formats=("parquet",),
+    )  # fmt: skip
+    part = next((folder / "telemetry").rglob("*.parquet"))
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])  # a partial file
+    with pytest.raises(ValueError, match=r"export .* is damaged .*f1 export"):
+        load_samples(folder)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="not a finished export"):
+        load_samples(folder)
