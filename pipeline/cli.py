@@ -171,6 +171,34 @@ def export(
         )
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures, not pass/fail).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("replay")
+def bench_replay(
+    key: Annotated[str, typer.Option(help="Export to replay.")] = "2023_Monaco_R",
+    speed: Annotated[float, typer.Option(help="Speed factor for the pacing run.")] = 1.0,
+    seconds: Annotated[float, typer.Option(help="Length of the pacing run.")] = 10.0,
+) -> None:
+    """Replay throughput (unpaced) and pacing error (paced), with the machine."""
+    import os
+    import platform
+
+    from pipeline.bench.replay_bench import run
+
+    folder = get_settings().export_dir / key
+    try:
+        figures = run(folder, speed=speed, seconds=seconds)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    for name, value in vars(figures).items():
+        typer.echo(
+            f"  {name:<26} {value:,.3f}" if isinstance(value, float) else f"  {name:<26} {value:,}"
+        )
+
+
 def _print_status(settings: object) -> bool:
     from pipeline.stack import manager
 

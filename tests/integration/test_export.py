@@ -105,3 +105,18 @@ def test_bad_input_gets_one_clear_error(year: int, event: str, session: str, mes
     assert settings.fastf1_offline
     with pytest.raises(SessionNotAvailable, match=message):
         load_session(year, event, session, settings=settings)
+
+
+@pytest.mark.parametrize(
+    ("year", "rows", "median_hz"),
+    [(2021, 673_520, 4.17), (2023, 797_840, 4.17), (2024, 907_080, 4.17)],
+)
+def test_each_sample_race_has_all_its_cars_and_rows(year: int, rows: int, median_hz: float) -> None:
+    session = load_session(year, "Monaco", "R")
+    table = telemetry_table(session)
+    assert len(table) == rows
+    assert set(table["driver_number"]) == {int(n) for n in session.results["DriverNumber"]}
+    assert table.groupby("driver_number").size().nunique() == 1  # all cars on one clock
+    report = frequency_report(table)
+    assert 1 / report["median_interval_s"].median() == pytest.approx(median_hz, abs=0.01)
+    assert table["lap_number"].max() == session.laps["LapNumber"].max()
