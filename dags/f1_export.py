@@ -58,14 +58,12 @@ def f1_export() -> None:
     @task(outlets=[EXPORTS], map_index_template="{{ task.op_kwargs['spec']['year'] }}")
     def export(spec: dict, *, outlet_events=None) -> dict:  # type: ignore[no-untyped-def,type-arg]
         """Export one session; its manifest becomes the Asset event's extra."""
-        import json
-
-        from pipeline.sources.export import export_session
+        from pipeline.sources.export import export_session, read_manifest
 
         folder = export_session(
             spec["year"], spec["event"], spec["session"], formats=spec["formats"]
         )
-        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest = read_manifest(folder.name) or {}
         summary = {
             "key": manifest["key"],
             "path": str(folder),

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.settings import ENV_FILE, get_settings
+from pipeline.settings import ENV_FILE, Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True, help="F1 telemetry platform.")
 stack_app = typer.Typer(no_args_is_help=True, help="The local stack (no Docker).")
@@ -199,10 +199,10 @@ def bench_replay(
         )
 
 
-def _print_status(settings: object) -> bool:
+def _print_status(settings: Settings) -> bool:
     from pipeline.stack import manager
 
-    rows = manager.status(settings)  # type: ignore[arg-type]
+    rows = manager.status(settings)
     all_ok = True
     for name, pid, healthy, url in rows:
         state = "healthy" if healthy else ("UNHEALTHY" if pid else "stopped")

@@ -130,9 +130,10 @@ class Settings(BaseSettings):
     def superset_url(self) -> str:
         return f"http://{self.bind_host}:{self.superset_port}"
 
-    def postgres_url(self, role: str, *, database: str | None = None, driver: str = "") -> str:
-        """SQLAlchemy/libpq URL for one of the project's roles (`driver` e.g. `psycopg`)."""
-        passwords = {
+    @property
+    def role_passwords(self) -> dict[str, SecretStr]:
+        """PostgreSQL role -> its password (the superuser `postgres` first)."""
+        return {
             "postgres": self.postgres_admin_password,
             "airflow": self.airflow_db_password,
             "mlflow": self.mlflow_db_password,
@@ -140,7 +141,10 @@ class Settings(BaseSettings):
             "telemetry": self.telemetry_db_password,
             "telemetry_reader": self.telemetry_reader_password,
         }
-        password = quote(passwords[role].get_secret_value(), safe="")
+
+    def postgres_url(self, role: str, *, database: str | None = None, driver: str = "") -> str:
+        """SQLAlchemy/libpq URL for one of the project's roles (`driver` e.g. `psycopg`)."""
+        password = quote(self.role_passwords[role].get_secret_value(), safe="")
         database = database or ("telemetry" if role.startswith("telemetry") else role)
         scheme = f"postgresql+{driver}" if driver else "postgresql"
         return f"{scheme}://{role}:{password}@{self.bind_host}:{self.postgres_port}/{database}"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -89,14 +90,21 @@ def prepare(settings: Settings) -> None:
         raise StackError(f"airflow db migrate failed:\n{result.stderr[-2000:]}")
 
 
+def _monitor(settings: Settings) -> dict[str, Any]:
+    answer: dict[str, Any] = httpx.get(
+        f"{settings.airflow_url}/api/v2/monitor/health", timeout=3
+    ).json()
+    return answer
+
+
 def health(settings: Settings) -> dict[str, str]:
     """Component -> status from the api-server's monitor endpoint."""
-    body = httpx.get(f"{settings.airflow_url}/api/v2/monitor/health", timeout=3).json()
+    body = _monitor(settings)
     return {name: str(part.get("status")) for name, part in body.items() if isinstance(part, dict)}
 
 
 def _component_healthy(settings: Settings, component: str, started: Path) -> bool:
-    body = httpx.get(f"{settings.airflow_url}/api/v2/monitor/health", timeout=3).json()
+    body = _monitor(settings)
     if component == "api-server":
         return bool(body["metadatabase"]["status"] == "healthy")
     part = body.get(component.replace("-", "_")) or {}

@@ -143,13 +143,7 @@ def admin_connect(
 def provision(settings: Settings) -> None:
     """Roles and databases, idempotently. Passwords are (re)set from `.env`, which
     stays the single source of truth."""
-    passwords = {
-        "airflow": settings.airflow_db_password,
-        "mlflow": settings.mlflow_db_password,
-        "superset": settings.superset_db_password,
-        "telemetry": settings.telemetry_db_password,
-        READER_ROLE: settings.telemetry_reader_password,
-    }
+    passwords = {r: p for r, p in settings.role_passwords.items() if r != "postgres"}
     with admin_connect(settings) as conn:
         for role, password in passwords.items():
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [role]).fetchone()

@@ -123,7 +123,7 @@ def login(settings: Settings, client: httpx.Client | None = None) -> str:
 
 
 def _healthy(settings: Settings) -> bool:
-    # /health answers without the metadata database; logging in proves that too.
+    # /health does not touch the metadata database; the tests' API login covers that.
     return httpx.get(f"{settings.superset_url}/health", timeout=3).status_code == 200
 
 

@@ -28,16 +28,14 @@ def test_env_example_lists_every_setting() -> None:
         assert name.upper() in ENV_EXAMPLE.read_text()
 
 
-def test_secrets_have_no_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_secrets_have_no_default(tmp_path: Path) -> None:
     with pytest.raises(ValidationError) as err:
         Settings(_env_file=tmp_path / "missing.env")  # type: ignore[call-arg]
     missing = {e["loc"][0] for e in err.value.errors()}
     assert {n.lower() for n in secret_names()} <= missing
 
 
-def test_env_file_generated_with_fresh_secrets(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_env_file_generated_with_fresh_secrets(tmp_path: Path) -> None:
     env = tmp_path / ".env"
     generated = ensure_env_file(env)
     assert sorted(generated) == sorted(secret_names())
@@ -50,9 +48,7 @@ def test_env_file_generated_with_fresh_secrets(
     assert settings.superset_admin_password.get_secret_value() == values["SUPERSET_ADMIN_PASSWORD"]
 
 
-def test_env_file_keeps_existing_values_and_adds_missing(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_env_file_keeps_existing_values_and_adds_missing(tmp_path: Path) -> None:
     env = tmp_path / ".env"
     env.write_text("POSTGRES_PORT=6543\nAIRFLOW_ADMIN_PASSWORD=kept-as-is\n")
     generated = ensure_env_file(env)
@@ -85,9 +81,7 @@ def test_services_listen_on_loopback_by_default(tmp_path: Path) -> None:
     assert settings.mlflow_tracking_uri.startswith("http://127.0.0.1:")
 
 
-def test_empty_secret_is_refused_and_regenerated(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
+def test_empty_secret_is_refused_and_regenerated(tmp_path: Path) -> None:
     env = tmp_path / ".env"
     env.write_text("SUPERSET_ADMIN_PASSWORD=\n")
     with pytest.raises(ValidationError, match="superset_admin_password"):
