@@ -40,6 +40,12 @@ EXPORTS = Asset(name="f1_telemetry_exports", uri="file:///f1/exports")
             ["parquet", "csv"], type="array", items={"type": "string", "enum": ["parquet", "csv"]},
             title="Formats", description="Parquet is always written; add csv for a CSV copy.",
         ),
+        "resample": Param(
+            None, type=["null", "string"], title="Resample to",
+            description="Leave empty for the samples as they came (~4 Hz). A rule such as "
+            "100ms resamples each car with FastF1 into a separate export; interpolated rows "
+            "are flagged resampled.",
+        ),
     },
 )  # fmt: skip
 def f1_export() -> None:
@@ -53,7 +59,11 @@ def f1_export() -> None:
         else:
             chosen = ((params["year"], params["event"], params["session"]),)
         formats = params.get("formats") or ["parquet"]
-        return [{"year": y, "event": e, "session": s, "formats": formats} for y, e, s in chosen]
+        resample = params.get("resample") or None
+        return [
+            {"year": y, "event": e, "session": s, "formats": formats, "resample": resample}
+            for y, e, s in chosen
+        ]
 
     @task(outlets=[EXPORTS], map_index_template="{{ task.op_kwargs['spec']['year'] }}")
     def export(spec: dict, *, outlet_events=None) -> dict:  # type: ignore[no-untyped-def,type-arg]
@@ -61,8 +71,9 @@ def f1_export() -> None:
         from pipeline.sources.export import export_session, read_manifest
 
         folder = export_session(
-            spec["year"], spec["event"], spec["session"], formats=spec["formats"]
-        )
+            spec["year"], spec["event"], spec["session"], formats=spec["formats"],
+            resample=spec.get("resample"),
+        )  # fmt: skip
         manifest = read_manifest(folder.name) or {}
         summary = {
             "key": manifest["key"],

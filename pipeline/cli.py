@@ -122,6 +122,10 @@ def export(
     skip_existing: Annotated[
         bool, typer.Option(help="Leave sessions that are already exported alone.")
     ] = False,
+    resample: Annotated[
+        str | None,
+        typer.Option(help="Resample each car onto a grid, e.g. 100ms (rows flagged resampled)."),
+    ] = None,
 ) -> None:
     """Export FastF1 sessions to Parquet (+ CSV) with a manifest; print their sample rates."""
     import logging as _logging
@@ -142,7 +146,7 @@ def export(
     chosen = SAMPLE_SESSIONS if year is None else ((year, event, session),)
     formats = ("parquet", "csv") if csv else ("parquet",)
     for y, e, s in chosen:
-        key = session_key(y, f"{e} Grand Prix", s)
+        key = session_key(y, f"{e} Grand Prix", s, resample)
         if skip_existing and read_manifest(key):
             typer.echo(f"{key}: already exported, skipped")
             continue
@@ -154,7 +158,7 @@ def export(
                 bar.set_postfix_str(name)
 
             try:
-                folder = export_session(y, e, s, formats=formats, on_step=step)
+                folder = export_session(y, e, s, formats=formats, resample=resample, on_step=step)
             except (SessionNotAvailable, ValueError) as err:
                 bar.close()
                 _fail(str(err))

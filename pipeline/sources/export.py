@@ -45,8 +45,31 @@ SAMPLE_SESSIONS = ((2021, "Monaco", "R"), (2023, "Monaco", "R"), (2024, "Monaco"
 FORMATS = ("parquet", "csv")
 
 
-def session_key(year: int, event: str, session: str) -> str:
-    return f"{year}_{event.replace(' Grand Prix', '').replace(' ', '_')}_{session}"
+def session_key(year: int, event: str, session: str, resample: str | None = None) -> str:
+    """`2023_Monaco_R`, or `2023_Monaco_R_resampled_100ms` for a resampled export."""
+    key = f"{year}_{event.replace(' Grand Prix', '').replace(' ', '_')}_{session}"
+    return f"{key}_resampled_{resample}" if resample else key
+
+
+def check_resample_rule(rule: str | None) -> None:
+    """Refuse a resampling rule pandas would not understand, before loading anything."""
+    import warnings
+
+    import pandas as pd
+
+    if rule is None:
+        return
+    try:
+        with warnings.catch_warnings():  # pandas warns on odd spellings before refusing them
+            warnings.simplefilter("ignore", FutureWarning)
+            offset = pd.tseries.frequencies.to_offset(rule)
+    except ValueError:
+        offset = None
+    if offset is None or not isinstance(offset, pd.tseries.offsets.Tick):
+        raise ValueError(
+            f"resample rule {rule!r} is not a fixed interval; use a pandas rule such as "
+            "'100ms', '250ms' or '1s', or leave it out for the samples as they came."
+        )
 
 
 def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
@@ -107,7 +130,7 @@ def write_export(
             ],
             "car_data_median_interval_s": float(report["median_interval_s"].median()),
             "car_data_mean_rate_hz": float(report["mean_rate_hz"].mean()),
-            "resampled": False,
+            "resampled": bool(telemetry["resampled"].any()),
             "checksum_sha256": _checksum(staging),
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -136,19 +159,22 @@ def export_session(
     *,
     settings: Settings | None = None,
     formats: Sequence[str] = FORMATS,
+    resample: str | None = None,
     on_step: Callable[[str], None] = lambda step: None,
 ) -> Path:
     """Load a session with FastF1 and export it; returns the export folder.
+    `resample`: a rule such as "100ms" for a resampled copy (its own key).
     `on_step` hears each of EXPORT_STEPS as it starts (for progress bars)."""
     import fastf1
 
+    check_resample_rule(resample)
     settings = settings or get_settings()
     on_step(EXPORT_STEPS[0])
     loaded = load_session(year, event, session, settings=settings)
     on_step(EXPORT_STEPS[1])
-    telemetry = telemetry_table(loaded)
+    telemetry = telemetry_table(loaded, resample=resample)
     side = {name: _plain(getattr(loaded, attr)) for name, attr in SIDE_TABLES.items()}
-    key = session_key(year, str(loaded.event["EventName"]), session)
+    key = session_key(year, str(loaded.event["EventName"]), session, resample)
     on_step(EXPORT_STEPS[2])
     return write_export(
         key,
@@ -160,6 +186,7 @@ def export_session(
             "year": year,
             "event": str(loaded.event["EventName"]),
             "session": session,
+            "resample_rule": resample,
             "fastf1_version": fastf1.__version__,
         },
     )

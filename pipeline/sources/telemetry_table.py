@@ -1,6 +1,9 @@
 """The telemetry table: one row per car sample, with the lap context joined by time.
 
-No resampling: rows are FastF1's car-data samples as they came (~4.17 Hz per car).
+By default no resampling: rows are FastF1's car-data samples as they came
+(~4.17 Hz per car). Asked for a rule (e.g. "100ms"), each car is resampled with
+FastF1's own `Telemetry.resample_channels` onto a shared grid, and every row that
+FastF1 interpolated (Source "interpolation") is flagged `resampled`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ CAR_CHANNELS = {
 }
 
 
-def _car_samples(session: Session) -> pd.DataFrame:
+def _car_samples(session: Session, resample: str | None) -> pd.DataFrame:
     import pandas as pd
 
     frames = []
@@ -32,6 +35,8 @@ def _car_samples(session: Session) -> pd.DataFrame:
                 f"driver {number} has no car data in this session; the source is incomplete, "
                 "so nothing is exported (reload the session into the FastF1 cache)."
             )
+        if resample:
+            samples = samples.resample_channels(rule=resample)
         frame = pd.DataFrame(samples[["Date", "SessionTime", *CAR_CHANNELS]])
         frame["driver_number"] = int(number)
         frames.append(frame)
@@ -58,14 +63,15 @@ def _lap_context(session: Session) -> pd.DataFrame:
     )  # fmt: skip
 
 
-def telemetry_table(session: Session) -> pd.DataFrame:
+def telemetry_table(session: Session, *, resample: str | None = None) -> pd.DataFrame:
     """One row per car sample: UTC date, session time, driver, team, channels, and
     the lap it belongs to (lap number, stint, compound, tyre life, position, in/out
     lap) and the track status at that moment. Samples outside any lap (before the
-    start, after the flag) keep null lap context."""
+    start, after the flag) keep null lap context. `resample`: a pandas rule such as
+    "100ms" to resample (rows FastF1 interpolated are flagged `resampled`)."""
     import pandas as pd
 
-    cars = _car_samples(session).sort_values("session_time", kind="stable")
+    cars = _car_samples(session, resample).sort_values("session_time", kind="stable")
     laps = _lap_context(session).sort_values("lap_start", kind="stable")
     table = pd.merge_asof(
         cars, laps, left_on="session_time", right_on="lap_start", by="driver_number",
@@ -92,7 +98,7 @@ def telemetry_table(session: Session) -> pd.DataFrame:
     )  # fmt: skip
     table["date"] = table["date"].dt.tz_localize("UTC")
     table["session_time_s"] = table.pop("session_time").dt.total_seconds()
-    table["resampled"] = False
+    table["resampled"] = table["source"].eq("interpolation").to_numpy()
     columns = [
         "date", "session_time_s", "driver_number", "driver", "team", *CAR_CHANNELS.values(),
         "lap_number", "stint", "compound", "tyre_life", "position", "is_in_lap", "is_out_lap",

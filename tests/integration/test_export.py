@@ -120,3 +120,22 @@ def test_each_sample_race_has_all_its_cars_and_rows(year: int, rows: int, median
     report = frequency_report(table)
     assert 1 / report["median_interval_s"].median() == pytest.approx(median_hz, abs=0.01)
     assert table["lap_number"].max() == session.laps["LapNumber"].max()
+
+
+def test_resampling_is_asked_for_and_flagged(monaco_2023: Any, table: pd.DataFrame) -> None:
+    resampled = telemetry_table(monaco_2023, resample="100ms")
+    car = resampled[resampled["driver_number"] == 1]
+    assert car["session_time_s"].diff().median() == pytest.approx(0.1, abs=1e-6)
+    # Flagged exactly where FastF1 interpolated; grid points that were real samples are not.
+    assert (resampled["resampled"] == resampled["source"].eq("interpolation")).all()
+    original = car[~car["resampled"]].merge(table, on=["driver_number", "date"])
+    assert len(original) > 0
+    assert (original["speed_x"] == original["speed_y"]).all()
+    assert 1 / frequency_report(resampled)["median_interval_s"].median() == pytest.approx(10)
+
+
+def test_a_bad_resample_rule_is_refused_before_loading() -> None:
+    from pipeline.sources.export import export_session
+
+    with pytest.raises(ValueError, match="not a fixed interval"):
+        export_session(2023, "Monaco", "R", resample="monthly")
