@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -23,6 +24,8 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # librdkafka repeats a connect failure every 50 ms; the clear error comes from us.
+    logging.getLogger("librdkafka").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
 def _fail(message: str) -> None:
@@ -173,6 +176,125 @@ def export(
             f"mean {manifest['car_data_mean_rate_hz']:.2f} Hz with gaps, "
             f"{int(report['gaps_over_1s'].median())} gaps > 1 s (median car)"
         )
+
+
+@app.command("topics")
+def topics(
+    increase_partitions: Annotated[
+        bool, typer.Option(help="Grow a topic that has fewer partitions than the settings.")
+    ] = False,
+    update_config: Annotated[
+        bool, typer.Option(help="Apply the spec's config to a topic that differs.")
+    ] = False,
+) -> None:
+    """Create the platform's topics (idempotent) and show them as the broker has them."""
+    from pipeline.kafka.client import KafkaUnavailable, check_reachable
+    from pipeline.kafka.topics import TopicMismatch, admin_client, provision, topic_specs
+
+    settings = get_settings()
+    try:
+        check_reachable(settings)
+        reports = provision(
+            admin_client(settings), topic_specs(settings),
+            increase_partitions=increase_partitions, update_config=update_config,
+        )  # fmt: skip
+    except (KafkaUnavailable, TopicMismatch) as err:
+        _fail(str(err))
+    for r in reports:
+        config = ", ".join(f"{k}={v}" for k, v in sorted(r.config.items()))
+        typer.echo(f"  {r.name:<24} {r.action:<22} {r.partitions} partitions  {config}")
+
+
+def _export_folder(session: str) -> Path:
+    folder = get_settings().export_dir / session
+    if not (folder / "manifest.json").exists():
+        _fail(
+            f"no export named {session!r} in {folder.parent}; export it first "
+            "(e.g. `f1 export --year 2023 --event Monaco --session R`)"
+        )
+    return folder
+
+
+@app.command("produce")
+def produce(
+    session: Annotated[str, typer.Option(help="Export to replay.")] = "2023_Monaco_R",
+    speed: Annotated[
+        float, typer.Option(help="Session seconds per wall second; 0 for as fast as possible.")
+    ] = 1.0,
+    start_offset: Annotated[float, typer.Option(help="Skip this much session time (s).")] = 0.0,
+    duration: Annotated[
+        float | None, typer.Option(help="Replay only this much session time (s).")
+    ] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Name of the run (default: session@time-random).")
+    ] = None,
+) -> None:
+    """Replay an exported session into the telemetry topic (SIGTERM/Ctrl-C: flush, stop)."""
+    from tqdm import tqdm
+
+    from pipeline.kafka.client import KafkaUnavailable, stop_on_signals
+    from pipeline.kafka.producer import produce_session
+
+    _setup_logging()
+    folder = _export_folder(session)
+    with stop_on_signals() as stop, tqdm(unit=" samples", desc=session) as bar:
+        try:
+            report = produce_session(
+                folder, speed=speed or None, run_id=run_id, start_offset_s=start_offset,
+                duration_s=duration, stop=stop, on_progress=bar.update,
+            )  # fmt: skip
+        except (KafkaUnavailable, ValueError) as err:
+            bar.close()
+            _fail(str(err))
+    intended = f"{report.intended_rate_hz:,.0f}/s" if report.intended_rate_hz else "unpaced"
+    typer.echo(
+        f"run {report.run_id}: {report.delivered:,} of {report.planned:,} samples delivered, "
+        f"{report.failed:,} failed, in {report.seconds:,.1f} s\n"
+        f"  rate: intended {intended}, achieved {report.achieved_rate_hz:,.0f}/s; "
+        f"per partition {report.per_partition}"
+        + ("\n  stopped early on request" if report.stopped_early else "")
+    )
+    if report.failed:
+        for error, count in report.errors.most_common(5):
+            typer.echo(f"  {count:,} x {error}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command("consume")
+def consume(
+    member: Annotated[str, typer.Option(help="This consumer's name in the group.")] = "",
+    until_run: Annotated[
+        str | None, typer.Option(help="Stop once this run is complete (all end markers).")
+    ] = None,
+    idle_timeout: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds without a message.")
+    ] = None,
+    max_seconds: Annotated[float | None, typer.Option(help="Stop after this long.")] = None,
+) -> None:
+    """Consume the telemetry topic in the group: anomalies, windows, rows to PostgreSQL."""
+    import os
+    import socket
+
+    from pipeline.kafka.client import KafkaUnavailable, stop_on_signals
+    from pipeline.kafka.consumer import StreamConsumer
+
+    _setup_logging()
+    member = member or f"{socket.gethostname()}-{os.getpid()}"
+    with stop_on_signals() as stop:
+        try:
+            report = StreamConsumer(member, stop=stop).run(
+                until_run=until_run, idle_timeout_s=idle_timeout, max_seconds=max_seconds
+            )
+        except KafkaUnavailable as err:
+            _fail(str(err))
+    typer.echo(
+        f"{member}: {report.messages:,} messages in {report.batches:,} batches, "
+        f"{report.messages_per_s:,.0f}/s; {report.samples:,} samples stored, "
+        f"{report.windows:,} windows, {report.anomalies:,} anomalies, "
+        f"{report.dead_letters:,} dead letters {dict(report.dead_letter_reasons)}, "
+        f"{report.duplicates:,} duplicates skipped, {report.late:,} late; "
+        f"stopped: {report.stop_reason}"
+    )
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures, not pass/fail).")

@@ -73,6 +73,29 @@ class Settings(BaseSettings):
     kafka_controller_port: int = Field(9093, description="Kafka KRaft controller port.")
     kafka_heap: str = Field("512m", description="Kafka JVM heap (-Xms/-Xmx).")
 
+    # --- the stream -----------------------------------------------------------------------
+    telemetry_topic: str = Field("f1-speed-stream", description="Topic of the car samples.")
+    telemetry_partitions: int = Field(
+        4, ge=1, description="Partitions of the telemetry topic (the most consumers that help)."
+    )
+    dead_letter_topic: str = Field(
+        "f1-speed-stream-dlq", description="Where malformed messages go, with the reason."
+    )
+    consumer_group: str = Field("f1-stream", description="Consumer group of `f1 consume`.")
+    stream_batch_size: int = Field(
+        5_000, ge=1, description="Most messages a consumer takes per batch."
+    )
+    stream_batch_wait_s: float = Field(
+        0.1, gt=0, description="Longest wait to fill a batch (bounds latency at 1x)."
+    )
+    window_s: float = Field(3.0, gt=0, description="Tumbling window length, event time.")
+    allowed_lateness_s: float = Field(
+        2.0, ge=0, description="How long a window waits for late samples after its end."
+    )
+    max_message_bytes: int = Field(
+        16_384, description="Bigger telemetry messages are dead-lettered as oversized."
+    )
+
     # --- MLflow -------------------------------------------------------------------------
     mlflow_port: int = Field(5000, description="MLflow tracking server port.")
 

@@ -1,0 +1,241 @@
+"""Replay an exported session into the telemetry topic (`f1 produce`).
+
+The replay clock paces column batches; each row becomes one `TelemetrySample`.
+Deliveries are counted by partition from the delivery reports, and the run ends
+with an `EndOfStream` per partition carrying that count, so consumers can tell
+when they hold the whole run. The run is recorded in `stream_runs`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import schema
+from pipeline.kafka.client import check_reachable, producer_config
+from pipeline.settings import Settings, get_settings
+from pipeline.sinks import telemetry_db
+from pipeline.sources.replay import Replay, load_samples
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from confluent_kafka import KafkaError, Message
+
+log = logging.getLogger(__name__)
+
+SOURCE = "fastf1-replay"
+# Message fields taken straight from the export's columns.
+PLAIN_FIELDS = (
+    "driver_number", "driver", "session_time_s", "speed", "rpm", "gear", "throttle",
+    "lap_number", "stint", "compound", "tyre_life", "position", "is_in_lap", "is_out_lap",
+    "track_status", "resampled",
+)  # fmt: skip
+
+
+@dataclass
+class ProduceReport:
+    run_id: str
+    session_key: str
+    planned: int
+    delivered: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    session_seconds: float = 0.0
+    speed: float | None = None
+    stopped_early: bool = False
+    per_partition: dict[int, int] = field(default_factory=dict)
+    errors: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def intended_rate_hz(self) -> float | None:
+        """Samples per wall second the replay clock asks for (None: unpaced)."""
+        if self.speed is None or not self.session_seconds:
+            return None
+        return self.planned / self.session_seconds * self.speed
+
+    @property
+    def achieved_rate_hz(self) -> float:
+        return self.delivered / self.seconds if self.seconds else 0.0
+
+
+def new_run_id(session_key: str) -> str:
+    return f"{session_key}@{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+def message_columns(samples: pd.DataFrame, run_id: str, session_key: str) -> dict[str, list[Any]]:
+    """The export's rows as plain Python columns in schema terms (NaN -> None),
+    computed once for the whole session, vectorized."""
+    import numpy as np
+
+    columns: dict[str, list[Any]] = {}
+    for name in PLAIN_FIELDS:
+        column = samples[name]
+        if column.dtype.kind in "fO" or str(column.dtype) in ("string", "Int8", "Int16"):
+            values = column.astype(object).where(column.notna(), None)
+        else:
+            values = column
+        columns[name] = values.tolist()
+    for name in ("lap_number", "stint", "position"):  # whole numbers stored as float
+        columns[name] = [None if v is None else int(v) for v in columns[name]]
+    columns["brake"] = np.where(samples["brake"].to_numpy(dtype=bool), 100.0, 0.0).tolist()
+    drs = samples["drs"].to_numpy()
+    columns["drs"] = drs.tolist()
+    columns["drs_open"] = (drs >= 10).tolist()  # FastF1: 10, 12, 14 = flap open
+    columns["date_us"] = (samples["date"].astype("int64") // 1000).tolist()
+    columns["seq"] = samples["seq"].tolist()
+    columns["run_id"] = [run_id] * len(samples)
+    columns["session_key"] = [session_key] * len(samples)
+    columns["v"] = [schema.SCHEMA_VERSION] * len(samples)
+    return columns
+
+
+def produce_session(
+    export_folder: Path,
+    *,
+    speed: float | None = 1.0,
+    run_id: str | None = None,
+    start_offset_s: float = 0.0,
+    duration_s: float | None = None,
+    settings: Settings | None = None,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[int], None] = lambda rows: None,
+) -> ProduceReport:
+    """Replay one export into the telemetry topic and return what happened.
+    `duration_s` limits the replay to that much session time."""
+    import numpy as np
+    from confluent_kafka import Producer
+
+    settings = settings or get_settings()
+    stop = stop or threading.Event()
+    samples = load_samples(export_folder)
+    session_key = export_folder.name
+    # seq: each sample's index in its car's export, stable whatever slice is replayed.
+    samples["seq"] = samples.groupby("driver_number").cumcount()
+    times = samples["session_time_s"].to_numpy()
+    begin = times[0] + start_offset_s
+    end = begin + duration_s if duration_s is not None else np.inf
+    samples = samples[(times >= begin) & (times < end)].reset_index(drop=True)
+    if samples.empty:
+        raise ValueError(
+            f"{session_key}: nothing to replay from offset {start_offset_s} s "
+            f"(the session lasts {times[-1] - times[0]:.0f} s)."
+        )
+    run_id = run_id or new_run_id(session_key)
+    check_reachable(settings)
+    report = ProduceReport(run_id, session_key, planned=len(samples), speed=speed)
+    report.session_seconds = float(samples["session_time_s"].iloc[-1] - begin)
+    columns = message_columns(samples, run_id, session_key)
+    fields = schema.SAMPLE_FIELDS
+    producer = Producer(producer_config(settings))
+    delivered: Counter[int] = Counter()
+
+    def on_delivery(err: KafkaError | None, message: Message) -> None:
+        if err is None:
+            delivered[message.partition()] += 1  # type: ignore[index]
+        else:
+            report.failed += 1
+            report.errors[str(err)] += 1
+
+    _record_run_start(settings, report)
+    topic = settings.telemetry_topic
+    started = time.perf_counter()
+    row = 0
+    try:
+        replay = Replay(samples[["session_time_s"]], speed=speed, max_batch=2_000)
+        for batch in replay:
+            hi = row + len(batch["session_time_s"])
+            produced_at = str(time.time_ns() // 1000).encode()
+            headers = [*schema.headers(SOURCE, 0)[:2], (schema.HEADER_PRODUCED_AT, produced_at)]
+            for values in zip(*(columns[f][row:hi] for f in fields), strict=True):
+                sample = schema.TelemetrySample(*values)
+                _produce(
+                    producer,
+                    topic,
+                    schema.encode(sample),
+                    schema.message_key(session_key, sample.driver_number),
+                    headers,
+                    on_delivery,
+                )
+            producer.poll(0)
+            on_progress(hi - row)
+            row = hi
+            if stop.is_set():
+                report.stopped_early = row < report.planned
+                log.info("stop requested: flushing after %d of %d samples", row, report.planned)
+                break
+        _flush(producer)
+        report.per_partition = dict(sorted(delivered.items()))
+        report.delivered = sum(delivered.values())
+        _send_end_markers(producer, settings, report, on_delivery)
+    finally:
+        report.seconds = time.perf_counter() - started
+        _flush(producer)
+        _record_run_end(settings, report)
+    return report
+
+
+def _produce(producer: Any, topic: str, value: bytes, key: bytes, headers: Any, cb: Any) -> None:
+    while True:
+        try:
+            producer.produce(topic, value, key, headers=headers, on_delivery=cb)
+            return
+        except BufferError:  # local queue full: let deliveries drain, then retry
+            producer.poll(0.05)
+
+
+def _flush(producer: Any) -> None:
+    while producer.flush(5.0):
+        log.warning("still waiting for %d deliveries", len(producer))
+
+
+def _send_end_markers(
+    producer: Any, settings: Settings, report: ProduceReport, on_delivery: Any
+) -> None:
+    metadata = producer.list_topics(settings.telemetry_topic, timeout=10)
+    partitions = sorted(metadata.topics[settings.telemetry_topic].partitions)
+    for partition in partitions:
+        marker = schema.EndOfStream(
+            v=schema.SCHEMA_VERSION,
+            run_id=report.run_id,
+            session_key=report.session_key,
+            partition=partition,
+            samples=report.per_partition.get(partition, 0),
+        )
+        producer.produce(
+            settings.telemetry_topic,
+            schema.encode(marker),
+            f"{report.session_key}:end".encode(),
+            partition=partition,
+            headers=schema.headers(SOURCE, time.time_ns() // 1000),
+        )
+    _flush(producer)
+
+
+def _record_run_start(settings: Settings, report: ProduceReport) -> None:
+    telemetry_db.ensure_schema(settings)
+    with telemetry_db.connect(settings, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO stream_runs (run_id, session_key, source, speed, samples_planned, "
+            "intended_rate_hz) VALUES (%s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (run_id) DO UPDATE SET started_at = now(), finished_at = NULL",
+            (report.run_id, report.session_key, SOURCE, report.speed, report.planned,
+             report.intended_rate_hz),
+        )  # fmt: skip
+
+
+def _record_run_end(settings: Settings, report: ProduceReport) -> None:
+    with telemetry_db.connect(settings, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE stream_runs SET finished_at = now(), samples_delivered = %s, "
+            "delivery_failures = %s, achieved_rate_hz = %s, stopped_early = %s "
+            "WHERE run_id = %s",
+            (report.delivered, report.failed, report.achieved_rate_hz, report.stopped_early,
+             report.run_id),
+        )  # fmt: skip

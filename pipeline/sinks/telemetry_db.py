@@ -1,0 +1,325 @@
+"""The telemetry database: its tables, and batch writes with COPY.
+
+The consumer's rows, its Kafka offsets and its per-car state are written in one
+transaction (`commit_batch`). Each partition's offset row carries an epoch that
+the owner bumps when it is assigned the partition; a commit whose epoch is no
+longer current (a consumer that was presumed dead and replaced) is rolled back,
+so two processes can never both write the same messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import psycopg
+
+SCHEMA_SQL = """
+CREATE TABLE IF NOT EXISTS stream_runs (
+    run_id text PRIMARY KEY,
+    session_key text NOT NULL,
+    source text NOT NULL,
+    speed double precision,                  -- session seconds per wall second; NULL unpaced
+    started_at timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    samples_planned bigint,
+    samples_delivered bigint,
+    delivery_failures bigint,
+    intended_rate_hz double precision,
+    achieved_rate_hz double precision,
+    stopped_early boolean
+);
+CREATE TABLE IF NOT EXISTS stream_run_ends (
+    run_id text NOT NULL,
+    topic_partition integer NOT NULL,
+    samples bigint NOT NULL,                 -- what the producer delivered to the partition
+    committed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, topic_partition)
+);
+CREATE TABLE IF NOT EXISTS telemetry_samples (
+    run_id text NOT NULL,
+    session_key text NOT NULL,
+    driver_number smallint NOT NULL,
+    driver text NOT NULL,
+    seq integer NOT NULL,
+    event_time timestamptz NOT NULL,
+    session_time_s double precision NOT NULL,
+    speed real NOT NULL,
+    rpm real NOT NULL,
+    gear smallint NOT NULL,
+    throttle real NOT NULL,
+    brake real NOT NULL,
+    drs_open boolean NOT NULL,
+    lap_number smallint,
+    stint smallint,
+    compound text,
+    tyre_life real,
+    position smallint,
+    is_in_lap boolean NOT NULL,
+    is_out_lap boolean NOT NULL,
+    track_status text,
+    resampled boolean NOT NULL,
+    is_late boolean NOT NULL,
+    anomalies text[],
+    topic_partition integer NOT NULL,
+    kafka_offset bigint NOT NULL,
+    produced_at timestamptz,
+    committed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, driver_number, seq)
+);
+CREATE INDEX IF NOT EXISTS telemetry_samples_session_time
+    ON telemetry_samples (session_key, event_time);
+CREATE TABLE IF NOT EXISTS telemetry_windows (
+    run_id text NOT NULL,
+    session_key text NOT NULL,
+    driver_number smallint NOT NULL,
+    driver text NOT NULL,
+    window_start timestamptz NOT NULL,
+    window_end timestamptz NOT NULL,
+    samples integer NOT NULL,
+    speed_min real, speed_avg real, speed_max real,
+    rpm_min real, rpm_avg real, rpm_max real,
+    throttle_full_share real,
+    brake_share real,
+    gear_changes integer,
+    drs_open_share real,
+    committed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, driver_number, window_start)
+);
+CREATE TABLE IF NOT EXISTS anomaly_events (
+    run_id text NOT NULL,
+    session_key text NOT NULL,
+    driver_number smallint NOT NULL,
+    driver text NOT NULL,
+    seq integer NOT NULL,
+    event_time timestamptz NOT NULL,
+    reason text NOT NULL,
+    value double precision,
+    committed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, driver_number, seq, reason)
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id bigserial PRIMARY KEY,
+    consumer text NOT NULL,
+    topic text NOT NULL,
+    topic_partition integer NOT NULL,
+    kafka_offset bigint NOT NULL,
+    message_key text,
+    error_class text NOT NULL,
+    reason text NOT NULL,
+    payload_bytes integer NOT NULL,
+    payload_head bytea,                      -- the first KiB, for a look
+    received_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (topic, topic_partition, kafka_offset)
+);
+CREATE TABLE IF NOT EXISTS stream_metrics (
+    id bigserial PRIMARY KEY,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    group_id text NOT NULL,
+    consumer text NOT NULL,
+    partitions integer[] NOT NULL,
+    messages integer NOT NULL,
+    samples integer NOT NULL,
+    duplicates integer NOT NULL,
+    late integer NOT NULL,
+    anomalies integer NOT NULL,
+    windows integer NOT NULL,
+    dead_letters integer NOT NULL,
+    lag bigint,
+    latency_p50_ms real,
+    latency_p95_ms real,
+    latency_p99_ms real,
+    batch_seconds real NOT NULL,
+    messages_per_s real NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consumer_offsets (
+    group_id text NOT NULL,
+    topic text NOT NULL,
+    topic_partition integer NOT NULL,
+    next_offset bigint,                      -- NULL: nothing consumed yet
+    epoch integer NOT NULL DEFAULT 0,
+    state bytea,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (group_id, topic, topic_partition)
+);
+"""
+
+SAMPLE_COLUMNS = (
+    "run_id", "session_key", "driver_number", "driver", "seq", "event_time", "session_time_s",
+    "speed", "rpm", "gear", "throttle", "brake", "drs_open", "lap_number", "stint", "compound",
+    "tyre_life", "position", "is_in_lap", "is_out_lap", "track_status", "resampled", "is_late",
+    "anomalies", "topic_partition", "kafka_offset", "produced_at",
+)  # fmt: skip
+WINDOW_COLUMNS = (
+    "run_id", "session_key", "driver_number", "driver", "window_start", "window_end", "samples",
+    "speed_min", "speed_avg", "speed_max", "rpm_min", "rpm_avg", "rpm_max",
+    "throttle_full_share", "brake_share", "gear_changes", "drs_open_share",
+)  # fmt: skip
+EVENT_COLUMNS = (
+    "run_id", "session_key", "driver_number", "driver", "seq", "event_time", "reason", "value",
+)  # fmt: skip
+DEAD_LETTER_COLUMNS = (
+    "consumer", "topic", "topic_partition", "kafka_offset", "message_key", "error_class",
+    "reason", "payload_bytes", "payload_head",
+)  # fmt: skip
+
+
+class Fenced(RuntimeError):
+    """Another consumer owns the partition now; this batch must not be committed."""
+
+
+def connect(settings: Settings | None = None, *, autocommit: bool = False) -> psycopg.Connection:
+    import psycopg
+
+    settings = settings or get_settings()
+    return psycopg.connect(settings.postgres_url("telemetry"), autocommit=autocommit)
+
+
+def ensure_schema(settings: Settings | None = None) -> None:
+    """Create the tables (idempotent). The reader role sees them through the
+    default privileges set when the database was provisioned."""
+    with connect(settings) as conn:
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('f1_telemetry_schema'))")
+        conn.execute(SCHEMA_SQL)
+
+
+@dataclass
+class PartitionClaim:
+    """A partition as this consumer took it over: where to resume, with what state."""
+
+    partition: int
+    next_offset: int | None
+    epoch: int
+    state: bytes | None
+
+
+def claim_partitions(
+    conn: psycopg.Connection, group_id: str, topic: str, partitions: Sequence[int]
+) -> list[PartitionClaim]:
+    """Take ownership: bump each partition's epoch (fencing the previous owner)
+    and return the stored offset and state."""
+    claims = []
+    with conn.transaction():
+        for partition in partitions:
+            row = conn.execute(
+                "INSERT INTO consumer_offsets (group_id, topic, topic_partition) "
+                "VALUES (%s, %s, %s) ON CONFLICT (group_id, topic, topic_partition) "
+                "DO UPDATE SET epoch = consumer_offsets.epoch + 1 "
+                "RETURNING next_offset, epoch, state",
+                (group_id, topic, partition),
+            ).fetchone()
+            assert row is not None
+            claims.append(PartitionClaim(partition, row[0], row[1], row[2]))
+    return claims
+
+
+def _copy(
+    conn: psycopg.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> None:
+    with conn.cursor().copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def _timestamps(micros: Any) -> Any:
+    import pandas as pd
+
+    return pd.to_datetime(micros, unit="us", utc=True)
+
+
+def sample_rows(samples: pd.DataFrame) -> Iterable[Sequence[Any]]:
+    """The COPY rows of processed samples (nulls as None, times as datetimes)."""
+    frame = samples.assign(
+        event_time=_timestamps(samples["date_us"]),
+        produced_at=_timestamps(samples["produced_at_us"]),
+        topic_partition=samples["partition"],
+        kafka_offset=samples["offset"],
+    )
+    frame = frame[list(SAMPLE_COLUMNS)].astype(object)
+    frame = frame.where(frame.notna(), None)
+    return frame.itertuples(index=False, name=None)
+
+
+@dataclass
+class PartitionCommit:
+    partition: int
+    next_offset: int
+    epoch: int
+    state: bytes
+
+
+def commit_batch(
+    conn: psycopg.Connection,
+    *,
+    group_id: str,
+    topic: str,
+    samples: pd.DataFrame,
+    events: pd.DataFrame,
+    windows: list[dict[str, Any]],
+    dead_letters: list[tuple[Any, ...]],
+    run_ends: list[tuple[str, int, int]],
+    partitions: list[PartitionCommit],
+    extra_tables: dict[str, pd.DataFrame] | None = None,
+) -> None:
+    """Write one batch's rows, offsets and state atomically (or raise Fenced)."""
+    with conn.transaction():
+        for commit in partitions:  # fence first: a stale owner writes nothing
+            updated = conn.execute(
+                "UPDATE consumer_offsets SET next_offset = %s, state = %s, updated_at = now() "
+                "WHERE group_id = %s AND topic = %s AND topic_partition = %s AND epoch = %s",
+                (commit.next_offset, commit.state, group_id, topic, commit.partition, commit.epoch),
+            ).rowcount
+            if updated != 1:
+                raise Fenced(f"partition {commit.partition} of {topic} was taken over")
+        if len(samples):
+            _copy(conn, "telemetry_samples", SAMPLE_COLUMNS, sample_rows(samples))
+        if len(events):
+            frame = events.assign(event_time=_timestamps(events["date_us"]))
+            _copy(conn, "anomaly_events", EVENT_COLUMNS,
+                  frame[list(EVENT_COLUMNS)].itertuples(index=False, name=None))  # fmt: skip
+        if windows:
+            _copy(conn, "telemetry_windows", WINDOW_COLUMNS, (_window_values(w) for w in windows))
+        if dead_letters:
+            _copy(conn, "dead_letters", DEAD_LETTER_COLUMNS, dead_letters)
+        if run_ends:
+            _copy(conn, "stream_run_ends", ("run_id", "topic_partition", "samples"), run_ends)
+        for table, frame in (extra_tables or {}).items():  # e.g. the models' predictions
+            if len(frame):
+                _copy(conn, table, list(frame.columns), frame.itertuples(index=False, name=None))
+
+
+def _window_values(window: dict[str, Any]) -> tuple[Any, ...]:
+    import datetime as dt
+
+    start = dt.datetime.fromtimestamp(window["window_start_us"] / 1e6, tz=dt.UTC)
+    end = dt.datetime.fromtimestamp(window["window_end_us"] / 1e6, tz=dt.UTC)
+    values = {**window, "window_start": start, "window_end": end}
+    return tuple(values[c] for c in WINDOW_COLUMNS)
+
+
+def record_metrics(conn: psycopg.Connection, metrics: dict[str, Any]) -> None:
+    columns = list(metrics)
+    conn.execute(
+        f"INSERT INTO stream_metrics ({', '.join(columns)}) "
+        f"VALUES ({', '.join(['%s'] * len(columns))})",
+        [metrics[c] for c in columns],
+    )
+
+
+def run_completion(conn: psycopg.Connection, run_id: str) -> tuple[int, int, int]:
+    """(partitions whose end marker is committed, samples the producer says it
+    delivered to them, sample rows stored for the run)."""
+    ends = conn.execute(
+        "SELECT count(*), coalesce(sum(samples), 0) FROM stream_run_ends WHERE run_id = %s",
+        (run_id,),
+    ).fetchone()
+    stored = conn.execute(
+        "SELECT count(*) FROM telemetry_samples WHERE run_id = %s", (run_id,)
+    ).fetchone()
+    assert ends is not None and stored is not None
+    return int(ends[0]), int(ends[1]), int(stored[0])
