@@ -342,6 +342,49 @@ class StreamConsumer:
         return total
 
 
+class RunIncomplete(RuntimeError):
+    pass
+
+
+def verify_run(
+    stream_run: str,
+    *,
+    delivered: int,
+    settings: Settings | None = None,
+    idle_timeout_s: float = 30.0,
+) -> dict[str, Any]:
+    """Drain what the group has not stored yet, then check the run: every
+    partition's end marker committed, and exactly as many rows as delivered."""
+    settings = settings or get_settings()
+    report = StreamConsumer(f"{stream_run}-verify", settings=settings).run(
+        until_run=stream_run, idle_timeout_s=idle_timeout_s
+    )
+    check_reachable(settings)
+    from confluent_kafka.admin import AdminClient
+
+    from pipeline.kafka.client import base_config
+
+    metadata = AdminClient(base_config(settings)).list_topics(settings.telemetry_topic, timeout=10)
+    partitions = len(metadata.topics[settings.telemetry_topic].partitions)
+    with telemetry_db.connect(settings, autocommit=True) as conn:
+        ended, announced, stored = telemetry_db.run_completion(conn, stream_run)
+    summary = {
+        "stream_run": stream_run,
+        "delivered": delivered,
+        "announced_by_end_markers": announced,
+        "stored": stored,
+        "partitions_ended": ended,
+        "partitions": partitions,
+        "drained_by_verify": report.samples,
+    }
+    if ended < partitions or not stored == announced == delivered:
+        raise RunIncomplete(
+            f"run {stream_run} is not complete: {summary}. Consumers may still be "
+            "catching up (run `f1 consume --until-run` to drain) or a consumer failed."
+        )
+    return summary
+
+
 def _frame(decoded: _Decoded) -> pd.DataFrame:
     """The batch's samples as columns (one pass over the structs)."""
     import pandas as pd

@@ -286,8 +286,13 @@ def commit_batch(
             _copy(conn, "telemetry_windows", WINDOW_COLUMNS, (_window_values(w) for w in windows))
         if dead_letters:
             _copy(conn, "dead_letters", DEAD_LETTER_COLUMNS, dead_letters)
-        if run_ends:
-            _copy(conn, "stream_run_ends", ("run_id", "topic_partition", "samples"), run_ends)
+        if run_ends:  # a retried producer ends its run again: the latest count wins
+            conn.cursor().executemany(
+                "INSERT INTO stream_run_ends (run_id, topic_partition, samples) "
+                "VALUES (%s, %s, %s) ON CONFLICT (run_id, topic_partition) "
+                "DO UPDATE SET samples = EXCLUDED.samples, committed_at = now()",
+                run_ends,
+            )
         for table, frame in (extra_tables or {}).items():  # e.g. the models' predictions
             if len(frame):
                 _copy(conn, table, list(frame.columns), frame.itertuples(index=False, name=None))
