@@ -7,6 +7,7 @@ one built from the settings: one implementation for both.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -136,10 +137,21 @@ def provision(
 
 def describe(admin: AdminClient, name: str) -> tuple[int, dict[str, str]]:
     """(partition count, explicitly set config) of a topic, as the broker reports it."""
-    from confluent_kafka import TopicCollection
+    from confluent_kafka import KafkaError, KafkaException, TopicCollection
     from confluent_kafka.admin import ConfigResource, ConfigSource
 
-    description = admin.describe_topics(TopicCollection([name]))[name].result(timeout=TIMEOUT_S)
+    deadline = time.monotonic() + TIMEOUT_S
+    while True:  # a topic created a moment ago may not be in the metadata yet
+        try:
+            description = admin.describe_topics(TopicCollection([name]))[name].result(
+                timeout=TIMEOUT_S
+            )
+            break
+        except KafkaException as err:
+            unknown = err.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+            if not unknown or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     resource = ConfigResource(ConfigResource.Type.TOPIC, name)
     entries = admin.describe_configs([resource])[resource].result(timeout=TIMEOUT_S)
     config = {

@@ -1,0 +1,326 @@
+"""The stream against the real broker and database, on the real 2023 Monaco race.
+
+Each test gets topics and a consumer group of its own, so a demo replay running
+on the default topic is never disturbed (and never disturbs the test).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import psycopg
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from pipeline import schema
+from pipeline.kafka.consumer import StreamConsumer
+from pipeline.kafka.producer import produce_session
+from pipeline.kafka.topics import TopicMismatch, admin_client, describe, provision, topic_specs
+from pipeline.settings import PROJECT_ROOT, Settings
+from pipeline.sinks import telemetry_db
+from pipeline.sources.replay import load_samples
+from pipeline.stack import airflow_server
+
+F1 = str(PROJECT_ROOT / ".venv" / "bin" / "f1")
+RACE = "2023_Monaco_R"
+
+
+@pytest.fixture
+def isolated(stack: Settings) -> Iterator[tuple[Settings, dict[str, str]]]:
+    """Settings and a subprocess environment with fresh topics and group."""
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    overrides = {
+        "telemetry_topic": name,
+        "dead_letter_topic": f"{name}-dlq",
+        "consumer_group": name,
+    }
+    settings = stack.model_copy(update=overrides)
+    provision(admin_client(settings), topic_specs(settings))
+    telemetry_db.ensure_schema(settings)
+    env = {**os.environ, **{k.upper(): v for k, v in overrides.items()}}
+    yield settings, env
+    admin_client(settings).delete_topics([name, f"{name}-dlq"])
+
+
+@pytest.fixture(scope="module")
+def race(stack: Settings) -> pd.DataFrame:
+    folder = stack.export_dir / RACE
+    if not (folder / "manifest.json").exists():
+        pytest.skip(f"{RACE} is not exported (make up exports it)")
+    samples = load_samples(folder)
+    samples["seq"] = samples.groupby("driver_number").cumcount()
+    return samples
+
+
+def _consumer_process(env: dict[str, str], member: str, run: str, **extra_env: str) -> Any:
+    return subprocess.Popen(
+        [F1, "consume", "--member", member, "--until-run", run, "--idle-timeout", "120"],
+        env={**env, **extra_env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _stored(settings: Settings, run: str) -> pd.DataFrame:
+    with telemetry_db.connect(settings) as conn:
+        cur = conn.execute(
+            "SELECT driver_number, seq, speed FROM telemetry_samples WHERE run_id = %s", (run,)
+        )
+        return pd.DataFrame(cur.fetchall(), columns=["driver_number", "seq", "speed"])
+
+
+def _stored_windows(settings: Settings, run: str) -> pd.DataFrame:
+    with telemetry_db.connect(settings) as conn:
+        cur = conn.execute(
+            "SELECT driver_number, (extract(epoch FROM window_start) * 1e6)::bigint AS start_us,"
+            " samples, speed_min, speed_avg, speed_max, rpm_min, rpm_avg, rpm_max,"
+            " throttle_full_share, brake_share, gear_changes, drs_open_share"
+            " FROM telemetry_windows WHERE run_id = %s",
+            (run,),
+        )
+        return pd.DataFrame(cur.fetchall(), columns=[d.name for d in cur.description or []])
+
+
+def expected_windows(samples: pd.DataFrame) -> pd.DataFrame:
+    """The 3 s windows recomputed from the dataset with pandas, independently."""
+    cars = samples.sort_values(["driver_number", "seq"]).reset_index(drop=True)
+    cars["start_us"] = (cars["date"].astype("int64") // 1000) // 3_000_000 * 3_000_000
+    same_window = cars[["driver_number", "start_us"]].eq(
+        cars[["driver_number", "start_us"]].shift()
+    )
+    cars["changed"] = (cars["gear"] != cars["gear"].shift()) & same_window.all(axis=1)
+    cars["full"] = cars["throttle"].between(99, 100)
+    cars["drs_on"] = cars["drs"] >= 10
+    return (
+        cars.groupby(["driver_number", "start_us"])
+        .agg(
+            samples=("speed", "size"),
+            speed_min=("speed", "min"),
+            speed_avg=("speed", "mean"),
+            speed_max=("speed", "max"),
+            rpm_min=("rpm", "min"),
+            rpm_avg=("rpm", "mean"),
+            rpm_max=("rpm", "max"),
+            throttle_full_share=("full", "mean"),
+            brake_share=("brake", "mean"),
+            gear_changes=("changed", "sum"),
+            drs_open_share=("drs_on", "mean"),
+        )
+        .reset_index()
+    )
+
+
+def assert_exactly_once(settings: Settings, run: str, samples: pd.DataFrame) -> None:
+    stored = _stored(settings, run)
+    assert len(stored) == len(samples)
+    keys = stored.set_index(["driver_number", "seq"]).sort_index()
+    assert keys.index.is_unique
+    expected = samples.set_index(["driver_number", "seq"]).sort_index()
+    assert keys.index.equals(expected.index)
+    assert np.allclose(keys["speed"].to_numpy(), expected["speed"].to_numpy())
+
+
+def assert_windows_match(settings: Settings, run: str, samples: pd.DataFrame) -> None:
+    stored = _stored_windows(settings, run)
+    expected = expected_windows(samples)
+    assert len(stored) == len(expected)
+    both = expected.merge(stored, on=["driver_number", "start_us"], suffixes=("", "_db"))
+    assert len(both) == len(expected)
+    for column in expected.columns.drop(["driver_number", "start_us"]):
+        close = np.isclose(both[column].astype(float), both[f"{column}_db"].astype(float),
+                           rtol=1e-5, atol=1e-5)  # fmt: skip
+        assert close.all(), f"{column}: {(~close).sum()} windows differ"
+
+
+def _wait(process: Any, timeout: float = 600) -> str:
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return str(output)
+
+
+def test_whole_race_through_two_consumers_is_stored_exactly_once(
+    isolated: tuple[Settings, dict[str, str]], race: pd.DataFrame
+) -> None:
+    settings, env = isolated
+    run = f"whole-{uuid.uuid4().hex[:6]}"
+    consumers = [_consumer_process(env, f"c{i}", run) for i in (1, 2)]
+    report = produce_session(settings.export_dir / RACE, speed=None, run_id=run, settings=settings)
+    assert report.delivered == report.planned == len(race) == 797_840
+    assert sum(report.per_partition.values()) == len(race)
+    outputs = [_wait(c) for c in consumers]
+    assert all(f"run {run} complete" in out for out in outputs), outputs
+    assert_exactly_once(settings, run, race)
+    assert_windows_match(settings, run, race)
+    with telemetry_db.connect(settings) as conn:
+        members = conn.execute(
+            "SELECT consumer, sum(samples) FROM stream_metrics WHERE group_id = %s GROUP BY 1",
+            (settings.consumer_group,),
+        ).fetchall()
+    assert {m for m, n in members if n > 0} == {"c1", "c2"}  # both took part
+    assert sum(n for _, n in members) == len(race)
+
+
+def test_a_consumer_killed_mid_stream_resumes_exactly_once(
+    isolated: tuple[Settings, dict[str, str]], race: pd.DataFrame
+) -> None:
+    settings, env = isolated
+    run = f"kill-{uuid.uuid4().hex[:6]}"
+    seconds = 1200.0
+    report = produce_session(
+        settings.export_dir / RACE, speed=None, run_id=run, duration_s=seconds, settings=settings
+    )
+    # Small batches so the kill lands mid-stream.
+    victim = _consumer_process(env, "victim", run, STREAM_BATCH_SIZE="200")
+    deadline = time.monotonic() + 120
+    while len(_stored(settings, run)) < 5_000:
+        assert time.monotonic() < deadline and victim.poll() is None
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    stored_at_kill = len(_stored(settings, run))
+    assert 0 < stored_at_kill < report.delivered
+    _wait(_consumer_process(env, "successor", run))
+    first = race["session_time_s"].iloc[0]
+    window = race[race["session_time_s"] < first + seconds]
+    assert_exactly_once(settings, run, window)
+    assert_windows_match(settings, run, window)
+
+
+def _sample_json(race: pd.DataFrame, run: str, row: int) -> dict[str, Any]:
+    from pipeline.kafka.producer import message_columns
+
+    columns = message_columns(race.iloc[row : row + 1], run, RACE)
+    return {"kind": "sample", **{f: columns[f][0] for f in schema.SAMPLE_FIELDS}}
+
+
+def test_malformed_messages_go_to_the_dead_letter_topic_with_reasons(
+    isolated: tuple[Settings, dict[str, str]], race: pd.DataFrame
+) -> None:
+    settings, _ = isolated
+    run = f"bad-{uuid.uuid4().hex[:6]}"
+    good = [_sample_json(race, run, i) for i in range(0, 400, 20)]
+    wrong_type = {**good[0], "seq": 10_000, "speed": "fast"}
+    missing = {k: v for k, v in good[0].items() if k != "date_us"}
+    null_speed = {**good[0], "seq": 10_001, "speed": None}
+    oversized = {**good[0], "seq": 10_002, "driver": "X" * (settings.max_message_bytes + 10)}
+    bad = {
+        "malformed": [b"{not json", json.dumps({**good[0], "speed": float("nan")}).encode()],
+        "invalid": [json.dumps(m).encode() for m in (wrong_type, missing, null_speed)]
+        + [json.dumps({"kind": "lap", "v": 1}).encode()],
+        "oversized": [json.dumps(oversized).encode()],
+    }
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    for message in [json.dumps(g).encode() for g in good] + [m for ms in bad.values() for m in ms]:
+        producer.produce(settings.telemetry_topic, message, b"2023_Monaco_R:1")
+    assert producer.flush(10) == 0
+
+    report = StreamConsumer("dlq-test", settings=settings).run(idle_timeout_s=5)
+    assert report.stop_reason == "idle 5 s"  # it kept going to the end
+    assert report.samples == len(good)
+    assert dict(report.dead_letter_reasons) == {k: len(v) for k, v in bad.items()}
+    with telemetry_db.connect(settings) as conn:
+        rows = conn.execute(
+            "SELECT error_class, reason FROM dead_letters WHERE topic = %s ORDER BY kafka_offset",
+            (settings.telemetry_topic,),
+        ).fetchall()
+    assert [r[0] for r in rows] == [k for k, ms in bad.items() for _ in ms]
+    assert any("Expected `float`, got `str`" in r[1] for r in rows)
+    assert any("missing required field `date_us`" in r[1] for r in rows)
+    assert len(_stored(settings, run)) == len(good)
+
+    reader = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": f"read-{run}",
+         "auto.offset.reset": "earliest"}
+    )  # fmt: skip
+    reader.subscribe([settings.dead_letter_topic])
+    letters: list[Any] = []
+    deadline = time.monotonic() + 30
+    while len(letters) < len(rows) and time.monotonic() < deadline:
+        letters += [m for m in reader.consume(100, timeout=1) if m.error() is None]
+    reader.close()
+    assert len(letters) == len(rows)
+    for letter in letters:
+        headers = dict(letter.headers())
+        assert headers["error_class"].decode() in bad and headers["error"]
+        assert headers["origin"].decode().startswith(f"{settings.telemetry_topic}/")
+
+
+def test_topics_are_idempotent_and_a_different_topic_is_reported(
+    isolated: tuple[Settings, dict[str, str]],
+) -> None:
+    settings, _ = isolated
+    admin = admin_client(settings)
+    again = provision(admin, topic_specs(settings))
+    assert [r.action for r in again] == ["unchanged", "unchanged"]
+    assert again[0].partitions == settings.telemetry_partitions
+    assert again[0].config["compression.type"] == "producer"
+
+    wider = settings.model_copy(update={"telemetry_partitions": 6})
+    with pytest.raises(TopicMismatch, match="has 4 partitions, the spec asks for 6"):
+        provision(admin, topic_specs(wider))
+    grown = provision(admin, topic_specs(wider), increase_partitions=True)
+    assert grown[0].action == "partitions increased" and grown[0].partitions == 6
+    with pytest.raises(TopicMismatch, match="more than the 4 asked for"):
+        provision(admin, topic_specs(settings))
+
+    spec = topic_specs(wider)[0]
+    changed = type(spec)(spec.name, 6, {**spec.config, "retention.ms": "1000"})
+    with pytest.raises(TopicMismatch, match=r"retention\.ms is 604800000, spec 1000"):
+        provision(admin, [changed])
+    fixed = provision(admin, [changed], update_config=True)
+    assert fixed[0].action == "config updated"
+    assert describe(admin, spec.name)[1]["retention.ms"] == "1000"
+
+
+def test_stream_dags_run_under_airflow_dags_test(
+    isolated: tuple[Settings, dict[str, str]],
+    race: pd.DataFrame,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings, env = isolated
+    for key in ("TELEMETRY_TOPIC", "DEAD_LETTER_TOPIC", "CONSUMER_GROUP"):
+        monkeypatch.setenv(key, env[key])
+    topics = airflow_server.run_cli(settings, "dags", "test", "f1_topics", check=False)
+    assert topics.returncode == 0, topics.stdout[-3000:] + topics.stderr[-3000:]
+    conf = json.dumps({"duration_s": 30, "speed": 0, "consumers": 2, "idle_timeout_s": 10})
+    result = airflow_server.run_cli(settings, "dags", "test", "f1_stream", "--conf", conf,
+                                    check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with telemetry_db.connect(settings) as conn:
+        run, stored = conn.execute(
+            "SELECT run_id, count(*) FROM telemetry_samples WHERE run_id IN "
+            "(SELECT run_id FROM stream_runs WHERE run_id LIKE %s ORDER BY started_at DESC "
+            "LIMIT 1) GROUP BY 1",
+            (f"{RACE}@manual__%",),
+        ).fetchone() or (None, 0)
+    first = race["session_time_s"].iloc[0]
+    assert stored == int((race["session_time_s"] < first + 30).sum()) > 0, run
+    assert "state=success" in result.stdout + result.stderr
+
+
+def test_a_missing_export_gets_one_clear_error(tmp_path: Path, stack: Settings) -> None:
+    with pytest.raises(FileNotFoundError, match="not a finished export"):
+        produce_session(tmp_path / "1999_Nowhere_R", settings=stack)
+
+
+def test_the_reader_role_reads_stream_tables_but_cannot_change_them(stack: Settings) -> None:
+    # The reader role (dashboards) can read what the stream writes, and nothing more.
+    telemetry_db.ensure_schema(stack)
+    with psycopg.connect(stack.postgres_url("telemetry_reader")) as conn:
+        conn.execute("SELECT count(*) FROM telemetry_windows").fetchone()
+        conn.rollback()
+        # Read-only by default; even in a read-write transaction, the privilege is missing.
+        conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("DELETE FROM telemetry_samples")

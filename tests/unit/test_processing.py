@@ -1,0 +1,417 @@
+"""The per-car stream logic (`pipeline.processing`), without Kafka or PostgreSQL.
+
+Batches are built the way the consumer builds them: the schema's fields plus
+`partition`, `offset` and `produced_at_us`, nullable whole numbers as Int64. The
+window, state and duplicate tests use the real 2023 Monaco race (the export in
+data/exports, skipped when it is absent); the rule tests use synthetic samples.
+Windows are checked against an independent pandas recomputation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import msgspec.inspect as schema_types
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.kafka.producer import message_columns
+from pipeline.processing import anomaly, batch
+from pipeline.processing.batch import BatchResult, PartitionState, WindowConfig
+from pipeline.schema import SAMPLE_FIELDS, SCHEMA_VERSION, TelemetrySample
+from pipeline.sources.replay import load_samples
+
+EXPORT = Path(__file__).resolve().parents[2] / "data" / "exports" / "2023_Monaco_R"
+RACE_RUN = "2023_Monaco_R@test"
+SYNTHETIC_RUN = "synthetic@test"
+PARTITIONS = 4
+WINDOW_US = 3_000_000
+# 2023-05-28 12:00:00 UTC: a multiple of 3 s, so synthetic second 0 starts a window.
+EPOCH_US = 1_685_275_200_000_000
+# Three cars, two of them on partition 0 (16 % 4 == 44 % 4 == 0).
+CARS = (1, 16, 44)
+SAMPLES_PER_CAR = 2_000
+UNEVEN_BATCHES = (1, 997, 13, 2_400, 5, 1_584)  # then the rest in one batch
+INTEGER_COLUMNS = ("samples", "gear_changes", "window_end_us")
+FLOAT_COLUMNS = (
+    "speed_min", "speed_avg", "speed_max", "rpm_min", "rpm_avg", "rpm_max",
+    "throttle_full_share", "brake_share", "drs_open_share",
+)  # fmt: skip
+
+
+# --- building consumer-like batches ---------------------------------------------------
+
+
+def inferred_dtype(field_type: schema_types.Type) -> Any:
+    """The dtype pandas infers for a column of decoded values (None becomes NaN)."""
+    if isinstance(field_type, schema_types.UnionType):  # X | None
+        (field_type,) = (t for t in field_type.types if not isinstance(t, schema_types.NoneType))
+        if isinstance(field_type, schema_types.IntType):
+            return "float64"  # then Int64, as the consumer casts it
+    plain = {
+        schema_types.IntType: "int64",
+        schema_types.FloatType: "float64",
+        schema_types.BoolType: "bool",
+    }
+    return plain.get(type(field_type), object)
+
+
+# Typed up front: inferring them from Python lists takes seconds on a whole race.
+COLUMN_DTYPES = {
+    f.name: inferred_dtype(f.type) for f in schema_types.type_info(TelemetrySample).fields
+}
+NULLABLE_INTS = {"lap_number": "Int64", "stint": "Int64", "position": "Int64", "drs": "Int64"}
+
+
+def consumer_frame(columns: dict[str, Sequence[Any]]) -> pd.DataFrame:
+    """A batch as `pipeline.kafka.consumer._frame` builds it from decoded messages."""
+    typed = {name: np.asarray(columns[name], dtype=COLUMN_DTYPES[name]) for name in SAMPLE_FIELDS}
+    frame = pd.DataFrame(typed).astype(NULLABLE_INTS)
+    frame["partition"] = (frame["driver_number"] % PARTITIONS).astype("int64")
+    frame["offset"] = frame.groupby("partition").cumcount().astype("int64")
+    frame["produced_at_us"] = pd.Series(frame["date_us"], dtype="Int64")
+    return frame
+
+
+def synthetic_car(
+    times_s: Sequence[float],
+    *,
+    first_seq: int = 0,
+    driver_number: int = 1,
+    speed: float | Sequence[float] = 250.0,
+    rpm: float | Sequence[float] = 11_000.0,
+) -> pd.DataFrame:
+    """One car's samples at `times_s` seconds after EPOCH_US, in 7th gear at full throttle."""
+    speeds = np.broadcast_to(np.asarray(speed, dtype=float), len(times_s))
+    rpms = np.broadcast_to(np.asarray(rpm, dtype=float), len(times_s))
+    samples = [
+        TelemetrySample(
+            v=SCHEMA_VERSION,
+            run_id=SYNTHETIC_RUN,
+            session_key="synthetic",
+            driver_number=driver_number,
+            driver="VER",
+            seq=first_seq + i,
+            date_us=EPOCH_US + round(t * 1e6),
+            session_time_s=float(t),
+            speed=float(speeds[i]),
+            rpm=float(rpms[i]),
+            gear=7,
+            throttle=100.0,
+            brake=0.0,
+            drs_open=False,
+        )
+        for i, t in enumerate(times_s)
+    ]
+    rows = zip(*(msgspec.structs.astuple(s) for s in samples), strict=True)
+    return consumer_frame(dict(zip(SAMPLE_FIELDS, rows, strict=True)))
+
+
+def new_states() -> dict[int, PartitionState]:
+    return {p: PartitionState() for p in range(PARTITIONS)}
+
+
+def in_batches(frame: pd.DataFrame, sizes: Sequence[int]) -> Iterator[pd.DataFrame]:
+    """`frame` cut into batches of `sizes` rows, then one batch with the rest."""
+    bounds = np.cumsum([0, *sizes, len(frame)]).clip(max=len(frame))
+    for lo, hi in itertools.pairwise(bounds):
+        if hi > lo:
+            yield frame.iloc[lo:hi]
+
+
+def run_batches(
+    batches: Sequence[pd.DataFrame],
+    states: dict[int, PartitionState],
+    config: WindowConfig | None = None,
+) -> list[BatchResult]:
+    return [batch.process(b, states, config or WindowConfig()) for b in batches]
+
+
+def end_run(states: dict[int, PartitionState], run_id: str) -> list[dict[str, Any]]:
+    """What the end markers of `run_id`, one per partition, close."""
+    return [row for s in states.values() for row in batch.end_run(s, run_id, WindowConfig())]
+
+
+def all_windows(
+    results: Sequence[BatchResult], closed_at_end: list[dict[str, Any]]
+) -> pd.DataFrame:
+    rows = [row for r in results for row in r.windows] + closed_at_end
+    return (
+        pd.DataFrame(rows).sort_values(["driver_number", "window_start_us"]).reset_index(drop=True)
+    )
+
+
+def kept_samples(results: Sequence[BatchResult]) -> pd.DataFrame:
+    samples = pd.concat([r.samples for r in results], ignore_index=True)
+    return samples.sort_values(["driver_number", "seq"]).reset_index(drop=True)
+
+
+# --- the independent recomputation ----------------------------------------------------
+
+
+def expected_windows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each car's 3 s windows, computed from scratch over all its samples."""
+    cars = frame.sort_values(["driver_number", "seq"]).reset_index(drop=True)
+    start = cars["date_us"] // WINDOW_US * WINDOW_US
+    same_car_and_window = cars["driver_number"].eq(cars["driver_number"].shift()) & start.eq(
+        start.shift()
+    )
+    cars = cars.assign(
+        window_start_us=start,
+        gear_changed=same_car_and_window & cars["gear"].ne(cars["gear"].shift()),
+        throttle_full=cars["throttle"].between(99, 100),
+        brake_on=cars["brake"] >= 50,
+    )
+    windows = cars.groupby(["driver_number", "window_start_us"]).agg(
+        samples=("speed", "size"),
+        speed_min=("speed", "min"), speed_avg=("speed", "mean"), speed_max=("speed", "max"),
+        rpm_min=("rpm", "min"), rpm_avg=("rpm", "mean"), rpm_max=("rpm", "max"),
+        throttle_full_share=("throttle_full", "mean"), brake_share=("brake_on", "mean"),
+        drs_open_share=("drs_open", "mean"), gear_changes=("gear_changed", "sum"),
+    )  # fmt: skip
+    windows["window_end_us"] = windows.index.get_level_values("window_start_us") + WINDOW_US
+    return windows.reset_index()
+
+
+def assert_same_windows(actual: pd.DataFrame, expected: pd.DataFrame) -> None:
+    keys = ["driver_number", "window_start_us"]
+    assert not actual.duplicated(keys).any(), "a window was written twice"
+    assert actual[keys].to_numpy().tolist() == expected[keys].to_numpy().tolist()
+    for column in INTEGER_COLUMNS:
+        assert actual[column].tolist() == expected[column].tolist(), column
+    for column in FLOAT_COLUMNS:
+        close = np.isclose(actual[column].to_numpy(float), expected[column].to_numpy(float))
+        assert close.all(), f"{column}: {actual.loc[~close, [*keys, column]]}"
+
+
+def reasons_by_sample(samples: pd.DataFrame) -> list[tuple[int, int, list[str]]]:
+    return [
+        (int(d), int(s), list(a or []))
+        for d, s, a in zip(
+            samples["driver_number"], samples["seq"], samples["anomalies"], strict=True
+        )
+    ]
+
+
+# --- real data ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def race() -> pd.DataFrame:
+    """The whole 2023 Monaco race as one consumer-like frame, in replay order."""
+    if not (EXPORT / "manifest.json").exists():
+        pytest.skip(f"{EXPORT} is not exported (run `f1 export` for 2023 Monaco R)")
+    samples = load_samples(EXPORT)
+    samples["seq"] = samples.groupby("driver_number").cumcount()
+    return consumer_frame(message_columns(samples, RACE_RUN, EXPORT.name))
+
+
+@pytest.fixture(scope="module")
+def three_cars(race: pd.DataFrame) -> pd.DataFrame:
+    """The first SAMPLES_PER_CAR samples of three cars, interleaved as replayed."""
+    chosen = race["driver_number"].isin(CARS) & (race["seq"] < SAMPLES_PER_CAR)
+    return race[chosen].reset_index(drop=True)
+
+
+def test_batch_frames_have_the_consumer_dtypes(race: pd.DataFrame) -> None:
+    # What `consumer._frame` gets: pandas' own inference over the decoded values.
+    rows = race.iloc[::997]
+    columns = {
+        name: rows[name].astype(object).where(rows[name].notna(), None).tolist()
+        for name in SAMPLE_FIELDS
+    }
+    inferred = pd.DataFrame(columns).astype(NULLABLE_INTS)
+    assert rows[["lap_number", "compound"]].isna().any().all(), "no None values to check"
+    pd.testing.assert_frame_equal(consumer_frame(columns)[list(SAMPLE_FIELDS)], inferred)
+
+
+def windows_straddling(batches: Sequence[pd.DataFrame]) -> int:
+    """How many (car, window) pairs have samples on both sides of a batch boundary."""
+    count = 0
+    for before, after in itertools.pairwise(batches):
+        last = before.groupby("driver_number")["date_us"].max() // WINDOW_US
+        first = after.groupby("driver_number")["date_us"].min() // WINDOW_US
+        count += int((last == first.reindex(last.index)).sum())
+    return count
+
+
+def test_windows_across_uneven_batches_match_a_recomputation(three_cars: pd.DataFrame) -> None:
+    batches = list(in_batches(three_cars, UNEVEN_BATCHES))
+    assert windows_straddling(batches) > 0, "no window spans a batch boundary: a weak test"
+    states = new_states()
+    results = run_batches(batches, states)
+    closed_at_end = end_run(states, RACE_RUN)
+    assert closed_at_end, "the last windows stay open until the end marker"
+    assert not any(s.cars for s in states.values())
+    assert_same_windows(all_windows(results, closed_at_end), expected_windows(three_cars))
+
+
+def test_one_batch_or_many_give_the_same_windows_and_anomalies(
+    three_cars: pd.DataFrame,
+) -> None:
+    states = new_states()
+    whole = run_batches([three_cars], states)
+    whole_windows = all_windows(whole, end_run(states, RACE_RUN))
+    states = new_states()
+    pieces = run_batches(list(in_batches(three_cars, UNEVEN_BATCHES)), states)
+    pieces_windows = all_windows(pieces, end_run(states, RACE_RUN))
+    assert_same_windows(pieces_windows, whole_windows)
+    # The rolling baseline crosses batches too: the same samples are flagged.
+    assert reasons_by_sample(kept_samples(pieces)) == reasons_by_sample(kept_samples(whole))
+
+
+def test_state_survives_encode_and_decode(three_cars: pd.DataFrame) -> None:
+    batches = list(in_batches(three_cars, UNEVEN_BATCHES))
+    first, rest = batches[:3], batches[3:]
+
+    states = new_states()
+    straight = run_batches(first, states) + run_batches(rest, states)
+    straight_windows = all_windows(straight, end_run(states, RACE_RUN))
+
+    states = new_states()
+    before = run_batches(first, states)
+    assert any(car.open_windows and car.rates for s in states.values() for car in s.cars.values())
+    states = {p: PartitionState.decode(s.encode()) for p, s in states.items()}
+    after = run_batches(rest, states)
+    restored_windows = all_windows(before + after, end_run(states, RACE_RUN))
+
+    pd.testing.assert_frame_equal(restored_windows, straight_windows)
+    assert reasons_by_sample(kept_samples(before + after)) == reasons_by_sample(
+        kept_samples(straight)
+    )
+
+
+def test_empty_state_decodes_to_a_fresh_one() -> None:
+    assert PartitionState.decode(None) == PartitionState()
+    assert PartitionState.decode(b"") == PartitionState()
+
+
+def test_resent_samples_are_counted_as_duplicates_and_dropped(three_cars: pd.DataFrame) -> None:
+    half = len(three_cars) // 2
+    seen, unseen = three_cars.iloc[:half], three_cars.iloc[half:]
+    resent = seen.iloc[-700:-100]  # already processed: a producer retry or a replay
+    states = new_states()
+    first = run_batches([seen], states)
+    # The resends arrive in the middle of the next batch, between fresh samples.
+    mixed = pd.concat([unseen.iloc[:50], resent, unseen.iloc[50:]], ignore_index=True)
+    second = run_batches([mixed], states)
+
+    assert second[0].duplicates == len(resent)
+    kept = second[0].samples
+    assert len(kept) == len(unseen)
+    resent_keys = set(zip(resent["driver_number"], resent["seq"], strict=True))
+    kept_keys = set(zip(kept["driver_number"], kept["seq"], strict=True))
+    assert not resent_keys & kept_keys
+    duplicated_events = second[0].anomalies.merge(resent[["driver_number", "seq"]])
+    assert duplicated_events.empty, "resent samples must not be logged as anomalies again"
+    # And they were not folded into any window a second time.
+    windows = all_windows(first + second, end_run(states, RACE_RUN))
+    assert_same_windows(windows, expected_windows(three_cars))
+
+
+def test_samples_of_an_ended_run_are_refused_as_duplicates(three_cars: pd.DataFrame) -> None:
+    states = new_states()
+    run_batches([three_cars], states)
+    end_run(states, RACE_RUN)
+    [replayed] = run_batches([three_cars.iloc[-300:]], states)
+    assert replayed.duplicates == 300
+    assert replayed.samples.empty and not replayed.windows
+
+
+def test_late_sample_is_flagged_and_not_folded_into_a_window() -> None:
+    config = WindowConfig(window_s=3.0, allowed_lateness_s=2.0)
+    states = new_states()
+    on_time = synthetic_car(np.arange(41) * 0.25, speed=250.0)  # 0 s .. 10 s
+    [first] = run_batches([on_time], states, config)
+    # Watermark 10 - 2 = 8 s: windows [0, 3) and [3, 6) are closed and written.
+    assert [w["window_start_us"] - EPOCH_US for w in first.windows] == [0, 3_000_000]
+
+    late = synthetic_car([1.0], first_seq=41, speed=100.0)  # its window [0, 3) is closed
+    [second] = run_batches([late], states, config)
+    assert second.late == 1
+    assert second.samples["is_late"].tolist() == [True]
+    assert not second.windows
+
+    within_lateness = synthetic_car([7.0], first_seq=42, speed=100.0)  # [6, 9) is open
+    [third] = run_batches([within_lateness], states, config)
+    assert third.late == 0
+    assert third.samples["is_late"].tolist() == [False]
+
+    windows = all_windows([first, second, third], end_run(states, SYNTHETIC_RUN))
+    by_start = windows.set_index(windows["window_start_us"] - EPOCH_US)
+    assert by_start.index.is_unique
+    assert by_start.loc[0, "samples"] == 12 and by_start.loc[0, "speed_min"] == 250.0
+    assert by_start.loc[6_000_000, "samples"] == 13  # 6 .. 8.75 s and the 7 s one
+    assert by_start.loc[6_000_000, "speed_min"] == 100.0
+    assert windows["samples"].sum() == len(on_time) + 1  # the late one is in none
+
+
+def test_anomaly_rules_on_single_samples() -> None:
+    cases = {
+        # name: (speed, rpm, gear, throttle, brake), expected reasons
+        "impossible speed": ((450.0, 12_500.0, 8, 100.0, 0.0), {anomaly.IMPOSSIBLE_SPEED}),
+        "impossible throttle": ((200.0, 11_000.0, 7, 104.0, 0.0), {anomaly.IMPOSSIBLE_THROTTLE}),
+        "impossible gear": ((200.0, 11_000.0, 128, 100.0, 0.0), {anomaly.IMPOSSIBLE_GEAR}),
+        "throttle and brake": ((200.0, 11_000.0, 7, 100.0, 100.0), {anomaly.THROTTLE_AND_BRAKE}),
+        "low rpm in 8th": ((200.0, 2_000.0, 8, 100.0, 0.0), {anomaly.GEAR_SPEED_RPM_MISMATCH}),
+        "too fast for 1st": ((200.0, 11_000.0, 1, 100.0, 0.0), {anomaly.GEAR_SPEED_RPM_MISMATCH}),
+        "normal": ((200.0, 11_000.0, 7, 100.0, 0.0), set()),
+    }
+    frame = pd.DataFrame(
+        [row for row, _ in cases.values()], columns=["speed", "rpm", "gear", "throttle", "brake"]
+    )
+    flags = anomaly.rule_flags(frame)
+    for i, (name, (_, expected)) in enumerate(cases.items()):
+        flagged = {reason for reason, mask in flags.items() if mask[i]}
+        assert flagged == expected, name
+
+
+@pytest.mark.parametrize("split_at", [None, 3], ids=["one batch", "gap between batches"])
+def test_sample_gap_is_reported_with_its_length(split_at: int | None) -> None:
+    times = [0.0, 0.25, 0.5, 3.0, 3.25]
+    car = synthetic_car(times)
+    batches = [car] if split_at is None else [car.iloc[:split_at], car.iloc[split_at:]]
+    results = run_batches(batches, new_states())
+    samples = kept_samples(results)
+    has_gap = [anomaly.SAMPLE_GAP in (reasons or []) for reasons in samples["anomalies"]]
+    assert has_gap == [False, False, False, True, False]
+    events = pd.concat([r.anomalies for r in results], ignore_index=True)
+    gaps = events[events["reason"] == anomaly.SAMPLE_GAP]
+    assert gaps["seq"].tolist() == [3]
+    assert gaps["value"].tolist() == [2.5]
+
+
+def test_speed_glitch_after_a_steady_baseline_is_an_outlier() -> None:
+    rng = np.random.default_rng(7)
+    steady = 250.0 + rng.normal(0.0, 1.5, 60)
+    speed = [*steady, 0.0]  # a glitch to 0 km/h, 0.24 s after 250 km/h
+    rpm = 11_000.0 + rng.normal(0.0, 50.0, 61)
+    [result] = run_batches(
+        [synthetic_car(np.arange(61) * 0.24, speed=speed, rpm=rpm)], new_states()
+    )
+    reasons = result.samples["anomalies"].tolist()
+    assert reasons[-1] == [anomaly.SPEED_OUTLIER]
+    assert all(r is None for r in reasons[:-1]), "the steady samples raise no alarm"
+    events = result.anomalies
+    assert events[events["reason"] == anomaly.SPEED_OUTLIER]["seq"].tolist() == [60]
+
+
+def test_whole_2023_monaco_race_in_batches(race: pd.DataFrame) -> None:
+    states = new_states()
+    results = run_batches(list(in_batches(race, [5_000] * (len(race) // 5_000))), states)
+    closed_at_end = end_run(states, RACE_RUN)
+    assert sum(r.duplicates for r in results) == 0
+    assert sum(r.late for r in results) == 0
+    samples = pd.concat([r.samples for r in results], ignore_index=True)
+    assert len(samples) == len(race)
+    assert not samples["is_late"].any()
+    outliers = samples["anomalies"].map(lambda r: anomaly.SPEED_OUTLIER in (r or [])).sum()
+    assert 0 < outliers / len(samples) < 0.002
+    windows = all_windows(results, closed_at_end)
+    assert windows["samples"].sum() == len(race)
+    assert not windows.duplicated(["driver_number", "window_start_us"]).any()
