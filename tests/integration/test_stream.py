@@ -317,9 +317,8 @@ def test_a_missing_export_gets_one_clear_error(tmp_path: Path, stack: Settings) 
 def test_the_reader_role_reads_stream_tables_but_cannot_change_them(stack: Settings) -> None:
     # The reader role (dashboards) can read what the stream writes, and nothing more.
     telemetry_db.ensure_schema(stack)
-    with psycopg.connect(stack.postgres_url("telemetry_reader")) as conn:
+    with psycopg.connect(stack.postgres_url("telemetry_reader"), autocommit=True) as conn:
         conn.execute("SELECT count(*) FROM telemetry_windows").fetchone()
-        conn.rollback()
         # Read-only by default; even in a read-write transaction, the privilege is missing.
         conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
