@@ -15,6 +15,8 @@ install:  ## install packages, Python environments and Kafka jars (idempotent)
 up: install  ## start the whole stack and run the main job
 	@$(F1) stack up
 	@$(F1) export --skip-existing
+	@$(F1) topics
+	@$(F1) demo
 
 down:  ## stop the stack (harmless when nothing runs)
 	@if [ -x $(F1) ]; then $(F1) stack down; else echo "nothing to stop: not installed yet"; fi

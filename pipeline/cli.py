@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 
 from pipeline.settings import ENV_FILE, Settings, get_settings
@@ -297,6 +298,27 @@ def consume(
     )
 
 
+@app.command("demo")
+def demo() -> None:
+    """Start the demo replay (the f1_stream DAG in Airflow) unless one is running."""
+    from pipeline.demo import STREAM_DAG, start_demo
+
+    settings = get_settings()
+    try:
+        run = start_demo(settings)
+    except (TimeoutError, httpx.HTTPError) as err:
+        _fail(f"could not start the demo replay: {err}")
+    state = "already running" if run["already_running"] else "started"
+    speed = f"{settings.demo_speed:g}x" if settings.demo_speed else "as fast as possible"
+    typer.echo(
+        f"\nDemo replay {state}: {settings.demo_session} at {speed}, "
+        f"{settings.demo_consumers} consumers (DAG run {run['dag_run_id']}).\n"
+        f"  Watch it: {settings.airflow_url}/dags/{STREAM_DAG}\n"
+        f"  Its rows: PostgreSQL database telemetry (telemetry_samples, telemetry_windows, "
+        "anomaly_events, stream_metrics)"
+    )
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures, not pass/fail).")
 app.add_typer(bench_app, name="bench")
 
@@ -323,6 +345,34 @@ def bench_replay(
         typer.echo(
             f"  {name:<26} {value:,.3f}" if isinstance(value, float) else f"  {name:<26} {value:,}"
         )
+
+
+@bench_app.command("stream")
+def bench_stream(
+    session: Annotated[str, typer.Option(help="Export to stream.")] = "2023_Monaco_R",
+    latency_seconds: Annotated[
+        float, typer.Option(help="Session seconds replayed at 1x for the latency run; 0 skips.")
+    ] = 120.0,
+) -> None:
+    """One consumer's end-to-end throughput vs Kafka's own perf test; latency at 1x."""
+    import os
+    import platform
+
+    from pipeline.bench import stream_bench
+
+    _setup_logging()
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    settings = get_settings()
+    folder = _export_folder(session)
+    typer.echo(f"machine: {platform.machine()}, {os.cpu_count()} cores; session {session}")
+    figures = {"throughput": stream_bench.throughput(settings, folder)}
+    if latency_seconds:
+        figures["latency at 1x"] = stream_bench.latency_1x(settings, folder, latency_seconds)
+    for title, values in figures.items():
+        typer.echo(f"{title}:")
+        for name, value in values.items():
+            typer.echo(f"  {name:<32} {value:,.3f}" if isinstance(value, float)
+                       else f"  {name:<32} {value:,}")  # fmt: skip
 
 
 def _print_status(settings: Settings) -> bool:

@@ -15,7 +15,7 @@ Headers: `schema` (SCHEMA_NAME), `source` (e.g. fastf1-replay), `produced_at_us`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -84,7 +84,8 @@ def encode(message: Message) -> bytes:
 def decode(raw: bytes) -> Message:
     """Decode and type-check one message; raises msgspec.DecodeError (bad JSON)
     or msgspec.ValidationError (wrong type, missing field) with the JSON path."""
-    return _decoder.decode(raw)
+    decoded: Message = _decoder.decode(raw)
+    return decoded
 
 
 def message_key(session_key: str, driver_number: int) -> bytes:
@@ -99,8 +100,9 @@ def headers(source: str, produced_at_us: int) -> list[tuple[str, bytes]]:
     ]
 
 
-def header_value(message_headers: Sequence[tuple[str, bytes]] | None, name: str) -> bytes | None:
+def header_value(message_headers: Any, name: str) -> bytes | None:
+    """A header's value from confluent-kafka's header list (None if absent)."""
     for key, value in message_headers or ():
         if key == name:
-            return value
+            return value if isinstance(value, bytes) else None
     return None

@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         5_000, ge=1, description="Most messages a consumer takes per batch."
     )
     stream_batch_wait_s: float = Field(
-        0.1, gt=0, description="Longest wait to fill a batch (bounds latency at 1x)."
+        0.05, gt=0, description="Longest wait to fill a batch (bounds latency at 1x)."
     )
     window_s: float = Field(3.0, gt=0, description="Tumbling window length, event time.")
     allowed_lateness_s: float = Field(
@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         16_384, description="Bigger telemetry messages are dead-lettered as oversized."
     )
+
+    demo_session: str = Field("2023_Monaco_R", description="Race `make up` replays.")
+    demo_speed: float = Field(
+        1.0, ge=0, description="Speed of the demo replay: 1 real time (~2 h), 0 unpaced."
+    )
+    demo_consumers: int = Field(2, ge=1, description="Consumers in the demo replay.")
 
     # --- MLflow -------------------------------------------------------------------------
     mlflow_port: int = Field(5000, description="MLflow tracking server port.")

@@ -60,10 +60,12 @@ class ConsumeReport:
     seconds: float = 0.0
     stop_reason: str = ""
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
+    busy_seconds: float = 0.0  # from the first message received to the last commit
+    latencies_ms: list[float] = field(default_factory=list)  # kept when asked (benchmarks)
 
     @property
     def messages_per_s(self) -> float:
-        return self.messages / self.seconds if self.seconds else 0.0
+        return self.messages / self.busy_seconds if self.busy_seconds else 0.0
 
 
 @dataclass
@@ -84,8 +86,11 @@ class StreamConsumer:
         settings: Settings | None = None,
         scorers: Sequence[BatchScorer] = (),
         stop: threading.Event | None = None,
+        keep_latencies: bool = False,
     ) -> None:
         self.settings = settings or get_settings()
+        self.keep_latencies = keep_latencies
+        self._first_message: float | None = None
         self.member = member
         self.scorers = scorers
         self.stop = stop or threading.Event()
@@ -187,6 +192,8 @@ class StreamConsumer:
 
         assert self._conn is not None and self._consumer is not None
         started = time.perf_counter()
+        if self._first_message is None:
+            self._first_message = started
         decoded, next_offsets = self._decode(messages)
         frame = _frame(decoded)
         result = batch_logic.process(frame, self.states, self.window)
@@ -230,6 +237,9 @@ class StreamConsumer:
         elapsed = time.perf_counter() - started
         anomalies = len(result.anomalies)
         r = self.report
+        r.busy_seconds = time.perf_counter() - self._first_message
+        if self.keep_latencies:
+            r.latencies_ms += latency_ms.tolist()
         r.batches += 1
         r.messages += len(messages)
         r.samples += len(result.samples)

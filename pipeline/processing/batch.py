@@ -111,31 +111,19 @@ def process(
         rows = np.flatnonzero(fresh) + lo
         if not len(rows):
             continue
+        # Late: the sample's window closed before it arrived. Late samples are
+        # stored and counted, but take no part in gaps, rates or windows.
         times = date_us[rows]
-        previous = np.concatenate(([state.last_date_us or times[0]], times[:-1]))
-        step_us = times - previous
-        gap[rows] = step_us > config.gap_s * 1e6
-        gap_s[rows] = step_us / 1e6
-        for channel, floor in anomaly.RATE_FLOOR.items():
-            values = frame[channel].to_numpy()[rows]
-            before = np.concatenate(([state.last_values.get(channel, np.nan)], values[:-1]))
-            rates = (values - before) / np.maximum(step_us / 1e6, 1e-3)
-            valid = np.isfinite(rates) & (step_us > 0)
-            history = np.asarray(state.rates.get(channel, []), dtype=float)
-            judged = anomaly.robust_outliers(history, rates[valid], floor)
-            outliers[channel][rows[valid]] = judged
-            state.rates[channel] = np.concatenate((history, rates[valid]))[
-                -anomaly.BASELINE_SAMPLES :
-            ].tolist()
-            state.last_values[channel] = float(values[-1])
-        # Late: the sample's window closed before it arrived.
         base = state.max_date_us if state.max_date_us is not None else times[0]
         seen_max = np.maximum.accumulate(np.concatenate(([base], times)))
         watermark_before = seen_max[:-1] - config.allowed_lateness_s * 1e6
-        late[rows] = window_starts(times, config.window_us) + config.window_us <= watermark_before
+        is_late = window_starts(times, config.window_us) + config.window_us <= watermark_before
+        late[rows] = is_late
         state.max_date_us = int(seen_max[-1])
-        state.last_date_us = int(times[-1])
         state.last_seq = int(seq[rows[-1]])
+        rows, times = rows[~is_late], times[~is_late]
+        if len(rows):
+            _gaps_and_outliers(frame, rows, times, state, config, gap, gap_s, outliers)
 
     flags[anomaly.SAMPLE_GAP] = gap
     for channel, mask in outliers.items():
@@ -159,10 +147,42 @@ def end_run(state: PartitionState, run_id: str, config: WindowConfig) -> list[di
     for key, car in finished.items():
         closed += [_window_row(car, w, config) for w in car.open_windows]
         del state.cars[key]
-    state.ended[run_id] = {key: car.last_seq for key, car in finished.items()}
+    ended = state.ended.setdefault(run_id, {})  # a repeated end marker forgets nothing
+    ended.update({key: car.last_seq for key, car in finished.items()})
     for old in list(state.ended)[:-ENDED_RUNS_KEPT]:
         del state.ended[old]
     return closed
+
+
+def _gaps_and_outliers(
+    frame: pd.DataFrame,
+    rows: np.ndarray,
+    times: np.ndarray,
+    state: CarState,
+    config: WindowConfig,
+    gap: np.ndarray,
+    gap_s: np.ndarray,
+    outliers: dict[str, np.ndarray],
+) -> None:
+    """Sample gaps (against the latest earlier sample) and the robust rolling
+    baseline per channel, for one car's on-time rows; updates its state."""
+    import numpy as np
+
+    latest = np.maximum.accumulate(np.concatenate(([state.last_date_us or times[0]], times)))
+    step_us = times - latest[:-1]
+    gap[rows] = step_us > config.gap_s * 1e6
+    gap_s[rows] = step_us / 1e6
+    for channel, floor in anomaly.RATE_FLOOR.items():
+        values = frame[channel].to_numpy()[rows]
+        before = np.concatenate(([state.last_values.get(channel, np.nan)], values[:-1]))
+        rates = (values - before) / np.maximum(step_us / 1e6, 1e-3)
+        valid = np.isfinite(rates) & (step_us > 0)
+        history = np.asarray(state.rates.get(channel, []), dtype=float)
+        outliers[channel][rows[valid]] = anomaly.robust_outliers(history, rates[valid], floor)
+        kept = np.concatenate((history, rates[valid]))[-anomaly.BASELINE_SAMPLES :]
+        state.rates[channel] = kept.tolist()
+        state.last_values[channel] = float(values[-1])
+    state.last_date_us = int(latest[-1])
 
 
 def _car_state(partition: PartitionState, key: str, first: pd.Series) -> CarState:
@@ -248,7 +268,7 @@ def _attach_anomalies(
         if len(rows):
             values = value_of.get(reason, frame["speed"].to_numpy())[rows]
             events.append(pd.DataFrame({"row": rows, "reason": reason, "value": values}))
-    samples = frame.assign(is_late=late, anomalies=reasons)
+    samples = frame.assign(is_late=late, anomalies=pd.Series(reasons, dtype=object))
     log = (
         pd.concat(events, ignore_index=True)
         if events

@@ -147,3 +147,21 @@ def processes(settings: Settings) -> list[ManagedProcess]:
             )
         )
     return procs
+
+
+def api_client(settings: Settings, timeout_s: float = 30.0) -> httpx.Client:
+    """A client for Airflow's REST API (`/api/v2`), logged in as the admin."""
+    answer = httpx.post(
+        f"{settings.airflow_url}/auth/token",
+        json={
+            "username": settings.airflow_admin_user,
+            "password": settings.airflow_admin_password.get_secret_value(),
+        },
+        timeout=timeout_s,
+    )
+    answer.raise_for_status()
+    return httpx.Client(
+        base_url=f"{settings.airflow_url}/api/v2",
+        headers={"Authorization": f"Bearer {answer.json()['access_token']}"},
+        timeout=timeout_s,
+    )

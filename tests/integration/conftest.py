@@ -40,15 +40,5 @@ def airflow_env(stack: Settings) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="session")
 def airflow_api(stack: Settings) -> Iterator[httpx.Client]:
-    token = httpx.post(
-        f"{stack.airflow_url}/auth/token",
-        json={
-            "username": stack.airflow_admin_user,
-            "password": stack.airflow_admin_password.get_secret_value(),
-        },
-        timeout=10,
-    )
-    token.raise_for_status()
-    headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
-    with httpx.Client(base_url=f"{stack.airflow_url}/api/v2", headers=headers, timeout=30) as c:
-        yield c
+    with airflow_server.api_client(stack) as client:
+        yield client

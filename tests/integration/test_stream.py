@@ -53,11 +53,8 @@ def isolated(stack: Settings) -> Iterator[tuple[Settings, dict[str, str]]]:
 
 
 @pytest.fixture(scope="module")
-def race(stack: Settings) -> pd.DataFrame:
-    folder = stack.export_dir / RACE
-    if not (folder / "manifest.json").exists():
-        pytest.skip(f"{RACE} is not exported (make up exports it)")
-    samples = load_samples(folder)
+def race(race_export: Path) -> pd.DataFrame:
+    samples = load_samples(race_export)
     samples["seq"] = samples.groupby("driver_number").cumcount()
     return samples
 

@@ -10,7 +10,7 @@ Windows are checked against an independent pandas recomputation.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ from pipeline.processing.batch import BatchResult, PartitionState, WindowConfig
 from pipeline.schema import SAMPLE_FIELDS, SCHEMA_VERSION, TelemetrySample
 from pipeline.sources.replay import load_samples
 
-EXPORT = Path(__file__).resolve().parents[2] / "data" / "exports" / "2023_Monaco_R"
 RACE_RUN = "2023_Monaco_R@test"
 SYNTHETIC_RUN = "synthetic@test"
 PARTITIONS = 4
@@ -116,12 +115,38 @@ def new_states() -> dict[int, PartitionState]:
     return {p: PartitionState() for p in range(PARTITIONS)}
 
 
-def in_batches(frame: pd.DataFrame, sizes: Sequence[int]) -> Iterator[pd.DataFrame]:
-    """`frame` cut into batches of `sizes` rows, then one batch with the rest."""
-    bounds = np.cumsum([0, *sizes, len(frame)]).clip(max=len(frame))
-    for lo, hi in itertools.pairwise(bounds):
-        if hi > lo:
-            yield frame.iloc[lo:hi]
+def cut(frame: pd.DataFrame, at: Iterable[int]) -> list[pd.DataFrame]:
+    """`frame` cut into batches before each row position in `at`."""
+    bounds = np.unique([0, *(i for i in at if 0 < i < len(frame)), len(frame)])
+    return [frame.iloc[lo:hi] for lo, hi in itertools.pairwise(bounds)]
+
+
+def gear_changes_within_windows(frame: pd.DataFrame) -> np.ndarray:
+    """Row positions where a car's gear differs from its previous sample's, same window."""
+    car = frame["driver_number"]
+    window = frame["date_us"] // WINDOW_US
+    changed = frame["gear"].ne(frame.groupby(car)["gear"].shift()) & window.eq(
+        window.groupby(car).shift()
+    )
+    return np.flatnonzero(changed.to_numpy())
+
+
+def uneven_batches(frame: pd.DataFrame) -> list[pd.DataFrame]:
+    """Batches of UNEVEN_BATCHES sizes, with a few gear changes alone in one-row
+    batches: their windows span three batches, the change between two of them."""
+    changes = gear_changes_within_windows(frame)
+    isolated = changes[:: max(len(changes) // 8, 1)]
+    return cut(frame, [*np.cumsum(UNEVEN_BATCHES), *isolated, *(isolated + 1)])
+
+
+def windows_straddling(batches: Sequence[pd.DataFrame]) -> int:
+    """How many (car, window) pairs have samples on both sides of a batch boundary."""
+    count = 0
+    for before, after in itertools.pairwise(batches):
+        last = before.groupby("driver_number")["date_us"].max() // WINDOW_US
+        first = after.groupby("driver_number")["date_us"].min() // WINDOW_US
+        count += int((last == first.reindex(last.index)).sum())
+    return count
 
 
 def run_batches(
@@ -202,13 +227,11 @@ def reasons_by_sample(samples: pd.DataFrame) -> list[tuple[int, int, list[str]]]
 
 
 @pytest.fixture(scope="module")
-def race() -> pd.DataFrame:
+def race(race_export: Path) -> pd.DataFrame:
     """The whole 2023 Monaco race as one consumer-like frame, in replay order."""
-    if not (EXPORT / "manifest.json").exists():
-        pytest.skip(f"{EXPORT} is not exported (run `f1 export` for 2023 Monaco R)")
-    samples = load_samples(EXPORT)
+    samples = load_samples(race_export)
     samples["seq"] = samples.groupby("driver_number").cumcount()
-    return consumer_frame(message_columns(samples, RACE_RUN, EXPORT.name))
+    return consumer_frame(message_columns(samples, RACE_RUN, race_export.name))
 
 
 @pytest.fixture(scope="module")
@@ -230,18 +253,8 @@ def test_batch_frames_have_the_consumer_dtypes(race: pd.DataFrame) -> None:
     pd.testing.assert_frame_equal(consumer_frame(columns)[list(SAMPLE_FIELDS)], inferred)
 
 
-def windows_straddling(batches: Sequence[pd.DataFrame]) -> int:
-    """How many (car, window) pairs have samples on both sides of a batch boundary."""
-    count = 0
-    for before, after in itertools.pairwise(batches):
-        last = before.groupby("driver_number")["date_us"].max() // WINDOW_US
-        first = after.groupby("driver_number")["date_us"].min() // WINDOW_US
-        count += int((last == first.reindex(last.index)).sum())
-    return count
-
-
 def test_windows_across_uneven_batches_match_a_recomputation(three_cars: pd.DataFrame) -> None:
-    batches = list(in_batches(three_cars, UNEVEN_BATCHES))
+    batches = uneven_batches(three_cars)
     assert windows_straddling(batches) > 0, "no window spans a batch boundary: a weak test"
     states = new_states()
     results = run_batches(batches, states)
@@ -258,7 +271,7 @@ def test_one_batch_or_many_give_the_same_windows_and_anomalies(
     whole = run_batches([three_cars], states)
     whole_windows = all_windows(whole, end_run(states, RACE_RUN))
     states = new_states()
-    pieces = run_batches(list(in_batches(three_cars, UNEVEN_BATCHES)), states)
+    pieces = run_batches(uneven_batches(three_cars), states)
     pieces_windows = all_windows(pieces, end_run(states, RACE_RUN))
     assert_same_windows(pieces_windows, whole_windows)
     # The rolling baseline crosses batches too: the same samples are flagged.
@@ -266,7 +279,7 @@ def test_one_batch_or_many_give_the_same_windows_and_anomalies(
 
 
 def test_state_survives_encode_and_decode(three_cars: pd.DataFrame) -> None:
-    batches = list(in_batches(three_cars, UNEVEN_BATCHES))
+    batches = uneven_batches(three_cars)
     first, rest = batches[:3], batches[3:]
 
     states = new_states()
@@ -351,6 +364,17 @@ def test_late_sample_is_flagged_and_not_folded_into_a_window() -> None:
     assert windows["samples"].sum() == len(on_time) + 1  # the late one is in none
 
 
+def test_a_late_sample_does_not_make_the_next_one_look_like_a_gap() -> None:
+    config = WindowConfig(window_s=3.0, allowed_lateness_s=2.0)
+    states = new_states()
+    run_batches([synthetic_car(np.arange(41) * 0.25, speed=250.0)], states, config)  # 0..10 s
+    late_then_on_time = synthetic_car([1.0, 10.25, 10.5], first_seq=41, speed=250.0)
+    [result] = run_batches([late_then_on_time], states, config)
+    assert result.samples["is_late"].tolist() == [True, False, False]
+    assert all(not reasons for reasons in result.samples["anomalies"].iloc[1:])
+    assert anomaly.SAMPLE_GAP not in set(result.anomalies["reason"])
+
+
 def test_anomaly_rules_on_single_samples() -> None:
     cases = {
         # name: (speed, rpm, gear, throttle, brake), expected reasons
@@ -375,8 +399,7 @@ def test_anomaly_rules_on_single_samples() -> None:
 def test_sample_gap_is_reported_with_its_length(split_at: int | None) -> None:
     times = [0.0, 0.25, 0.5, 3.0, 3.25]
     car = synthetic_car(times)
-    batches = [car] if split_at is None else [car.iloc[:split_at], car.iloc[split_at:]]
-    results = run_batches(batches, new_states())
+    results = run_batches(cut(car, [] if split_at is None else [split_at]), new_states())
     samples = kept_samples(results)
     has_gap = [anomaly.SAMPLE_GAP in (reasons or []) for reasons in samples["anomalies"]]
     assert has_gap == [False, False, False, True, False]
@@ -386,24 +409,24 @@ def test_sample_gap_is_reported_with_its_length(split_at: int | None) -> None:
     assert gaps["value"].tolist() == [2.5]
 
 
-def test_speed_glitch_after_a_steady_baseline_is_an_outlier() -> None:
+@pytest.mark.parametrize("split_at", [None, 60], ids=["one batch", "glitch in the next batch"])
+def test_speed_glitch_after_a_steady_baseline_is_an_outlier(split_at: int | None) -> None:
     rng = np.random.default_rng(7)
     steady = 250.0 + rng.normal(0.0, 1.5, 60)
     speed = [*steady, 0.0]  # a glitch to 0 km/h, 0.24 s after 250 km/h
     rpm = 11_000.0 + rng.normal(0.0, 50.0, 61)
-    [result] = run_batches(
-        [synthetic_car(np.arange(61) * 0.24, speed=speed, rpm=rpm)], new_states()
-    )
-    reasons = result.samples["anomalies"].tolist()
+    car = synthetic_car(np.arange(61) * 0.24, speed=speed, rpm=rpm)
+    results = run_batches(cut(car, [] if split_at is None else [split_at]), new_states())
+    reasons = kept_samples(results)["anomalies"].tolist()
     assert reasons[-1] == [anomaly.SPEED_OUTLIER]
     assert all(r is None for r in reasons[:-1]), "the steady samples raise no alarm"
-    events = result.anomalies
+    events = pd.concat([r.anomalies for r in results], ignore_index=True)
     assert events[events["reason"] == anomaly.SPEED_OUTLIER]["seq"].tolist() == [60]
 
 
 def test_whole_2023_monaco_race_in_batches(race: pd.DataFrame) -> None:
     states = new_states()
-    results = run_batches(list(in_batches(race, [5_000] * (len(race) // 5_000))), states)
+    results = run_batches(cut(race, range(5_000, len(race), 5_000)), states)
     closed_at_end = end_run(states, RACE_RUN)
     assert sum(r.duplicates for r in results) == 0
     assert sum(r.late for r in results) == 0

@@ -1,0 +1,108 @@
+"""Stream benchmarks, each on topics and a consumer group of its own:
+
+- throughput: a whole race produced unpaced, then consumed by ONE consumer
+  process end to end (decode, anomalies, windows, COPY, commit), next to Kafka's
+  own `ConsumerPerformance` reading the same topic (the broker's ceiling here);
+- latency: a replay at 1x with one consumer, produce-to-commit per message.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from pipeline.kafka.consumer import StreamConsumer
+from pipeline.kafka.producer import produce_session
+from pipeline.kafka.topics import admin_client, provision, topic_specs
+from pipeline.settings import Settings
+from pipeline.stack import kafka_server
+
+
+@contextmanager
+def bench_topics(settings: Settings) -> Iterator[Settings]:
+    """Settings pointing at fresh topics and group, deleted afterwards."""
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    bench = settings.model_copy(
+        update={"telemetry_topic": name, "dead_letter_topic": f"{name}-dlq", "consumer_group": name}
+    )
+    provision(admin_client(bench), topic_specs(bench))
+    try:
+        yield bench
+    finally:
+        admin_client(bench).delete_topics([name, f"{name}-dlq"])
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    import numpy as np
+
+    p50, p95, p99 = np.percentile(values, [50, 95, 99]).tolist() if values else [0.0] * 3
+    return {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": max(values, default=0.0)}
+
+
+def kafka_consumer_perf(settings: Settings, messages: int) -> float:
+    """Messages per second of Kafka's ConsumerPerformance over the topic."""
+    command = [
+        "java", "-cp", kafka_server.classpath(settings),
+        "org.apache.kafka.tools.ConsumerPerformance",
+        "--bootstrap-server", settings.kafka_bootstrap_servers,
+        "--topic", settings.telemetry_topic, "--num-records", str(messages),
+        "--group", f"{settings.consumer_group}-perf", "--timeout", "60000",
+    ]  # fmt: skip
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    header, values = [line for line in output.splitlines() if re.search(r"\d|nMsg", line)][-2:]
+    row = dict(zip([h.strip() for h in header.split(",")], values.split(","), strict=False))
+    return float(row["nMsg.sec"])
+
+
+def throughput(settings: Settings, export_folder: Path) -> dict[str, Any]:
+    with bench_topics(settings) as bench:
+        run = f"bench-{uuid.uuid4().hex[:6]}"
+        produced = produce_session(export_folder, speed=None, run_id=run, settings=bench)
+        consumer = StreamConsumer("bench-1", settings=bench, keep_latencies=False)
+        report = consumer.run(until_run=run, idle_timeout_s=60)
+        on_topic = produced.delivered + len(produced.per_partition)  # + end markers
+        kafka_rate = kafka_consumer_perf(bench, on_topic)
+    return {
+        "samples": produced.delivered,
+        "producer_msgs_per_s": produced.achieved_rate_hz,
+        "consumer_msgs_per_s": report.messages_per_s,
+        "consumer_busy_s": report.busy_seconds,
+        "consumer_batches": report.batches,
+        "kafka_consumer_perf_msgs_per_s": kafka_rate,
+        "ratio_to_kafka_perf": report.messages_per_s / kafka_rate,
+        "real_time_factor": report.messages_per_s / (produced.planned / produced.session_seconds),
+    }
+
+
+def latency_1x(settings: Settings, export_folder: Path, seconds: float) -> dict[str, Any]:
+    """Replay `seconds` of session time at 1x into one consumer (in a thread:
+    at ~80 messages/s the two barely share the interpreter)."""
+    with bench_topics(settings) as bench:
+        run = f"bench-{uuid.uuid4().hex[:6]}"
+        consumer = StreamConsumer("bench-latency", settings=bench, keep_latencies=True)
+        result: dict[str, Any] = {}
+        thread = threading.Thread(
+            target=lambda: result.update(
+                report=consumer.run(until_run=run, idle_timeout_s=seconds + 60)
+            )
+        )
+        thread.start()
+        produced = produce_session(
+            export_folder, speed=1.0, run_id=run, duration_s=seconds, settings=bench,
+            start_offset_s=3600.0,  # mid-race: all cars on track
+        )  # fmt: skip
+        thread.join()
+    report = result["report"]
+    return {
+        "samples": produced.delivered,
+        "intended_rate_hz": produced.intended_rate_hz,
+        "achieved_rate_hz": produced.achieved_rate_hz,
+        "batch_wait_s": settings.stream_batch_wait_s,
+        **_percentiles(report.latencies_ms),
+    }

@@ -1,0 +1,48 @@
+"""The demo `make up` ends with: a replay of the demo race through the f1_stream
+DAG, triggered in Airflow so the user watches it there, in Superset and on
+the live page. Nothing new starts if a demo run is already under way."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pipeline.settings import Settings
+from pipeline.stack import airflow_server
+
+STREAM_DAG = "f1_stream"
+
+
+def start_demo(settings: Settings, *, wait_s: float = 180.0) -> dict[str, Any]:
+    """Unpause f1_stream and trigger it with the demo settings, unless a run is
+    queued or running. Returns the run (existing or new)."""
+    with airflow_server.api_client(settings) as api:
+        deadline = time.monotonic() + wait_s
+        # On a fresh machine the dag-processor needs a moment to parse the DAGs.
+        while api.get(f"/dags/{STREAM_DAG}").status_code == 404:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"Airflow has not loaded {STREAM_DAG} after {wait_s:.0f} s; see "
+                    f"{settings.log_dir}/airflow-dag-processor.log"
+                )
+            time.sleep(2)
+        api.patch(f"/dags/{STREAM_DAG}", json={"is_paused": False}).raise_for_status()
+        active = api.get(
+            f"/dags/{STREAM_DAG}/dagRuns", params={"state": ["queued", "running"]}
+        ).json()["dag_runs"]
+        if active:
+            return {**active[0], "already_running": True}
+        answer = api.post(
+            f"/dags/{STREAM_DAG}/dagRuns",
+            json={
+                "logical_date": None,
+                "note": "demo replay started by make up",
+                "conf": {
+                    "session": settings.demo_session,
+                    "speed": settings.demo_speed,
+                    "consumers": settings.demo_consumers,
+                },
+            },
+        )
+        answer.raise_for_status()
+        return {**answer.json(), "already_running": False}
