@@ -194,6 +194,37 @@ def test_a_consumer_killed_mid_stream_resumes_exactly_once(
     assert_windows_match(settings, run, window)
 
 
+def test_sigterm_stops_producer_and_consumer_cleanly_and_nothing_is_lost(
+    isolated: tuple[Settings, dict[str, str]],
+) -> None:
+    settings, env = isolated
+    run = f"term-{uuid.uuid4().hex[:6]}"
+    consumer = _consumer_process(env, "terminated", run)
+    producer = subprocess.Popen(
+        [F1, "produce", "--session", RACE, "--speed", "50", "--run-id", run],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(_stored(settings, run)) < 2_000:
+        assert time.monotonic() < deadline and producer.poll() is None
+        time.sleep(0.2)
+    producer.send_signal(signal.SIGTERM)
+    produced = _wait(producer, timeout=60)
+    assert "stopped early on request" in produced
+    consumer.send_signal(signal.SIGTERM)
+    assert "stopped: stop requested" in _wait(consumer, timeout=60)
+
+    with telemetry_db.connect(settings) as conn:
+        delivered, stopped_early = conn.execute(
+            "SELECT samples_delivered, stopped_early FROM stream_runs WHERE run_id = %s", (run,)
+        ).fetchone() or (0, False)
+    assert stopped_early and 2_000 <= delivered < 797_840
+    _wait(_consumer_process(env, "successor", run))  # drains what is left, to the end marker
+    stored = _stored(settings, run)
+    assert len(stored) == delivered
+    assert not stored.duplicated(["driver_number", "seq"]).any()
+
+
 def _sample_json(race: pd.DataFrame, run: str, row: int) -> dict[str, Any]:
     from pipeline.kafka.producer import message_columns
 
