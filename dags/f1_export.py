@@ -12,7 +12,9 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-EXPORTS = Asset(name="f1_telemetry_exports", uri="file:///f1/exports")
+from pipeline.sources.export import EXPORTS_ASSET_NAME, EXPORTS_ASSET_URI
+
+EXPORTS = Asset(name=EXPORTS_ASSET_NAME, uri=EXPORTS_ASSET_URI)
 
 
 @dag(

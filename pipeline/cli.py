@@ -319,6 +319,51 @@ def demo() -> None:
     )
 
 
+@app.command("train")
+def train(
+    model: Annotated[
+        list[str] | None, typer.Option(help="pit_stop, tire_failure, crash_risk (default all).")
+    ] = None,
+    horizon: Annotated[float, typer.Option(help="Label horizon, seconds ahead.")] = 60.0,
+    train_session: Annotated[
+        list[str] | None, typer.Option(help="Training export (repeat; default 2021 + 2024).")
+    ] = None,
+    validation_session: Annotated[
+        str, typer.Option(help="Validation export (never trained on).")
+    ] = "2023_Monaco_R",
+    sample_every: Annotated[int, typer.Option(help="Train on every n-th sample per car.")] = 4,
+    trees: Annotated[int, typer.Option(help="XGBoost trees.")] = 200,
+) -> None:
+    """Train the models, track them in MLflow, register and promote (champion/challenger)."""
+    from pipeline.ml.labels import LABELS
+    from pipeline.ml.train import TrainConfig, train_all
+
+    _setup_logging()
+    config = TrainConfig(
+        train_sessions=tuple(train_session or TrainConfig.train_sessions),
+        validation_session=validation_session, horizon_s=horizon,
+        sample_every=sample_every, n_estimators=trees,
+    )  # fmt: skip
+    for session in (*config.train_sessions, config.validation_session):
+        _export_folder(session)
+    unknown = set(model or ()) - set(LABELS)
+    if unknown:
+        _fail(f"unknown model {sorted(unknown)}; choose from {', '.join(LABELS)}")
+    for result in train_all(config, labels=tuple(model or LABELS)):
+        rates = ", ".join(f"{k} {v * 100:.2f} %" for k, v in result.base_rates.items())
+        typer.echo(f"{result.label}: {result.status}; base rates {rates}")
+        if result.metrics:
+            m = result.metrics
+            typer.echo(
+                f"  validation PR-AUC {m['val_pr_auc']:.4f} (baseline "
+                f"{m['baseline_val_pr_auc']:.4f}), ROC-AUC {m['val_roc_auc']:.4f}, "
+                f"F1 {m['val_f1']:.4f}, Brier {m['val_brier']:.5f}; confusion {result.confusion}\n"
+                f"  v{result.version} -> {result.alias}: {result.reason}"
+            )
+        else:
+            typer.echo(f"  {result.reason}")
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures, not pass/fail).")
 app.add_typer(bench_app, name="bench")
 

@@ -43,6 +43,8 @@ SIDE_TABLES = {
 # The offline sample: 2021 and 2024 train the models, 2023 is validated on and replayed.
 SAMPLE_SESSIONS = ((2021, "Monaco", "R"), (2023, "Monaco", "R"), (2024, "Monaco", "R"))
 FORMATS = ("parquet", "csv")
+# The Airflow Asset every export updates (f1_export) and training is scheduled on (f1_train).
+EXPORTS_ASSET_NAME, EXPORTS_ASSET_URI = "f1_telemetry_exports", "file:///f1/exports"
 
 
 def session_key(year: int, event: str, session: str, resample: str | None = None) -> str:
