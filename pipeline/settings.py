@@ -96,6 +96,12 @@ class Settings(BaseSettings):
         16_384, description="Bigger telemetry messages are dead-lettered as oversized."
     )
 
+    serve_models: bool = Field(
+        True, description="Consumers score every sample with the models' MLflow champions."
+    )
+    model_refresh_s: float = Field(
+        10.0, gt=0, description="How often consumers check where `champion` points."
+    )
     demo_session: str = Field("2023_Monaco_R", description="Race `make up` replays.")
     demo_speed: float = Field(
         1.0, ge=0, description="Speed of the demo replay: 1 real time (~2 h), 0 unpaced."

@@ -37,12 +37,12 @@ PAYLOAD_HEAD_BYTES = 1024
 
 
 class BatchScorer(Protocol):
-    """The seam where models plug in: score a processed batch with one call,
-    returning rows for `table`."""
+    """The seam where models plug in: score a processed batch (its samples and
+    their features) with one call per model, returning rows for `table`."""
 
     table: str
 
-    def score(self, samples: pd.DataFrame) -> pd.DataFrame: ...
+    def score(self, samples: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame: ...
 
 
 @dataclass
@@ -84,7 +84,7 @@ class StreamConsumer:
         member: str,
         *,
         settings: Settings | None = None,
-        scorers: Sequence[BatchScorer] = (),
+        scorers: Sequence[BatchScorer] | None = None,
         stop: threading.Event | None = None,
         keep_latencies: bool = False,
     ) -> None:
@@ -93,6 +93,10 @@ class StreamConsumer:
         self._first_message: float | None = None
         self.member = member
         self.scorers = scorers
+        if self.scorers is None:  # the champions, unless serving is off
+            from pipeline.ml.serving import ChampionScorer
+
+            self.scorers = [ChampionScorer(self.settings)] if self.settings.serve_models else []
         self.stop = stop or threading.Event()
         self.topic = self.settings.telemetry_topic
         self.group = self.settings.consumer_group
@@ -196,10 +200,14 @@ class StreamConsumer:
             self._first_message = started
         decoded, next_offsets = self._decode(messages)
         frame = _frame(decoded)
-        result = batch_logic.process(frame, self.states, self.window)
+        result = batch_logic.process(
+            frame, self.states, self.window, with_features=bool(self.scorers)
+        )
         for partition, end in decoded.ends:
             result.windows += batch_logic.end_run(self.states[partition], end.run_id, self.window)
-        scored = {s.table: s.score(result.samples) for s in self.scorers if len(result.samples)}
+        scored = {}
+        if len(result.samples) and result.features is not None:
+            scored = {s.table: s.score(result.samples, result.features) for s in self.scorers or ()}
         dead_rows = self._dead_letter(decoded.dead)
         commits = [
             telemetry_db.PartitionCommit(p, offset, self.epochs[p], self.states[p].encode())

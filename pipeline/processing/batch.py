@@ -40,6 +40,7 @@ class CarState(msgspec.Struct):
     last_values: dict[str, float] = {}
     rates: dict[str, list[float]] = {}  # latest rates per channel, for the baseline
     open_windows: list[WindowPartial] = []
+    feature_history: dict[str, list[float]] = {}  # the models' rolling inputs (ml.features)
 
 
 class PartitionState(msgspec.Struct):
@@ -72,13 +73,19 @@ class BatchResult:
     windows: list[dict[str, Any]] = field(default_factory=list)
     duplicates: int = 0
     late: int = 0
+    features: pd.DataFrame | None = None  # model features, row for row with `samples`
 
 
 def process(
-    frame: pd.DataFrame, states: dict[int, PartitionState], config: WindowConfig
+    frame: pd.DataFrame,
+    states: dict[int, PartitionState],
+    config: WindowConfig,
+    *,
+    with_features: bool = False,
 ) -> BatchResult:
     """`frame`: decoded samples with `partition`, in arrival order per partition.
-    `states`: partition -> state, updated in place."""
+    `states`: partition -> state, updated in place. `with_features`: also compute
+    the models' features (when models are served)."""
     import numpy as np
     import pandas as pd
 
@@ -101,6 +108,7 @@ def process(
     date_us = frame["date_us"].to_numpy()
     seq = frame["seq"].to_numpy()
     partition = frame["partition"].to_numpy()
+    feature_parts = []
     for lo, hi in itertools.pairwise(edges):
         key = str(car_values[lo])
         state = _car_state(states[int(partition[lo])], key, frame.iloc[lo])
@@ -111,6 +119,11 @@ def process(
         rows = np.flatnonzero(fresh) + lo
         if not len(rows):
             continue
+        if with_features:
+            from pipeline.ml.features import car_features
+
+            part, state.feature_history = car_features(frame.iloc[rows], state.feature_history)
+            feature_parts.append(part)
         # Late: the sample's window closed before it arrived. Late samples are
         # stored and counted, but take no part in gaps, rates or windows.
         times = date_us[rows]
@@ -131,12 +144,16 @@ def process(
     on_time = keep & ~late
     windows = _fold_windows(frame[on_time], states, config)
     samples, events = _attach_anomalies(frame, flags, gap_s, late, keep)
+    features = None
+    if with_features:
+        features = pd.concat(feature_parts).loc[np.flatnonzero(keep)].reset_index(drop=True)
     return BatchResult(
         samples=samples,
         anomalies=events,
         windows=windows,
         duplicates=int((~keep).sum()),
         late=int(late[keep].sum()),
+        features=features,
     )
 
 

@@ -137,6 +137,21 @@ CREATE TABLE IF NOT EXISTS stream_metrics (
     batch_seconds real NOT NULL,
     messages_per_s real NOT NULL
 );
+CREATE TABLE IF NOT EXISTS telemetry_predictions (
+    run_id text NOT NULL,
+    session_key text NOT NULL,
+    driver_number smallint NOT NULL,
+    seq integer NOT NULL,
+    event_time timestamptz NOT NULL,
+    pit_stop_p real,                         -- NULL: no champion served for the model
+    pit_stop_version integer,
+    tire_failure_p real,
+    tire_failure_version integer,
+    crash_risk_p real,
+    crash_risk_version integer,
+    committed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, driver_number, seq)
+);
 CREATE TABLE IF NOT EXISTS consumer_offsets (
     group_id text NOT NULL,
     topic text NOT NULL,
@@ -240,9 +255,13 @@ def sample_rows(samples: pd.DataFrame) -> Iterable[Sequence[Any]]:
         topic_partition=samples["partition"],
         kafka_offset=samples["offset"],
     )
-    frame = frame[list(SAMPLE_COLUMNS)].astype(object)
-    frame = frame.where(frame.notna(), None)
-    return frame.itertuples(index=False, name=None)
+    return plain_rows(frame[list(SAMPLE_COLUMNS)])
+
+
+def plain_rows(frame: pd.DataFrame) -> Iterable[Sequence[Any]]:
+    """Rows of Python values for COPY (numpy scalars and NaN become plain values/None)."""
+    plain = frame.astype(object)
+    return plain.where(plain.notna(), None).itertuples(index=False, name=None)
 
 
 @dataclass
@@ -295,7 +314,7 @@ def commit_batch(
             )
         for table, frame in (extra_tables or {}).items():  # e.g. the models' predictions
             if len(frame):
-                _copy(conn, table, list(frame.columns), frame.itertuples(index=False, name=None))
+                _copy(conn, table, list(frame.columns), plain_rows(frame))
 
 
 def _window_values(window: dict[str, Any]) -> tuple[Any, ...]:

@@ -1,0 +1,142 @@
+"""Serving the champions in the consumer: one native XGBoost Booster per model,
+one `inplace_predict` call per model per batch, on one thread.
+
+Every `refresh_s` the registry is asked where `champion` points; when it moves,
+the new version is loaded and checked (its feature names must be exactly
+FEATURES) before it replaces the old one, so a bad version never serves and the
+stream never stops. A model without a champion yet serves nothing (its columns
+stay NULL) and says so once, clearly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.ml.features import FEATURES
+from pipeline.ml.labels import LABELS
+from pipeline.ml.train import CHAMPION, registered_name
+from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+PREDICTION_TABLE = "telemetry_predictions"
+
+
+class FeatureMismatch(ValueError):
+    pass
+
+
+@dataclass
+class Served:
+    version: str
+    booster: Any
+
+
+def load_booster(uri: str, settings: Settings) -> Any:
+    """A registered model as a native Booster on one thread, checked against FEATURES."""
+    import os
+
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # not in the logs
+    # The registry to resolve `models:/` against is the project's server, never a local store.
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    booster = mlflow.xgboost.load_model(uri)
+    booster = getattr(booster, "get_booster", lambda: booster)()
+    if list(booster.feature_names or []) != list(FEATURES):
+        raise FeatureMismatch(
+            f"{uri} expects features {booster.feature_names}, the stream computes "
+            f"{list(FEATURES)}; retrain it with the current code (f1 train)."
+        )
+    booster.set_param({"nthread": 1})  # one thread per model call: no oversubscription
+    return booster
+
+
+class ChampionScorer:
+    """Scores a batch's features with every model's current champion."""
+
+    table = PREDICTION_TABLE
+
+    def __init__(self, settings: Settings, labels: tuple[str, ...] = LABELS) -> None:
+        self.settings = settings
+        self.labels = labels
+        self.served: dict[str, Served] = {}
+        self.refresh_s = settings.model_refresh_s
+        self._checked_at = float("-inf")
+        self._warned: set[str] = set()
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Follow the `champion` aliases (at most every refresh_s)."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        now = time.monotonic()
+        if not force and now - self._checked_at < self.refresh_s:
+            return
+        self._checked_at = now
+        client = mlflow.MlflowClient(self.settings.mlflow_tracking_uri)
+        for label in self.labels:
+            name = registered_name(label)
+            try:
+                version = str(client.get_model_version_by_alias(name, CHAMPION).version)
+            except MlflowException as err:
+                self._warn_once(
+                    label,
+                    f"no {CHAMPION} for {name} yet ({err.error_code}): its predictions stay "
+                    "empty; run `f1 train` or the f1_train DAG",
+                )
+                continue
+            except Exception as err:  # MLflow down: keep serving what is loaded
+                self._warn_once(
+                    label, f"cannot reach the MLflow registry ({err}); serving what is loaded"
+                )
+                continue
+            current = self.served.get(label)
+            if current and current.version == version:
+                continue
+            try:
+                booster = load_booster(f"models:/{name}/{version}", self.settings)
+            except (FeatureMismatch, MlflowException, OSError) as err:
+                self._warn_once(f"{label}:{version}", f"refusing {name} v{version}: {err}")
+                continue
+            self.served[label] = Served(version, booster)
+            self._warned.discard(label)
+            log.info("serving %s v%s%s", name, version,
+                     f" (was v{current.version})" if current else "")  # fmt: skip
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.error(message)
+
+    def score(self, samples: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
+        """Prediction rows for the batch: one predict call per model."""
+        import pandas as pd
+
+        self.refresh()
+        rows = pd.DataFrame(
+            {
+                "run_id": samples["run_id"].to_numpy(),
+                "session_key": samples["session_key"].to_numpy(),
+                "driver_number": samples["driver_number"].to_numpy(),
+                "seq": samples["seq"].to_numpy(),
+                "event_time": pd.to_datetime(samples["date_us"], unit="us", utc=True).to_numpy(),
+            }
+        )
+        matrix = features[list(FEATURES)].to_numpy(dtype="float32")
+        for label in self.labels:
+            served = self.served.get(label)
+            if served is None:
+                rows[f"{label}_p"] = None
+                rows[f"{label}_version"] = None
+                continue
+            rows[f"{label}_p"] = served.booster.inplace_predict(matrix)
+            rows[f"{label}_version"] = int(served.version)
+        return rows
