@@ -333,12 +333,20 @@ def train(
     ] = "2023_Monaco_R",
     sample_every: Annotated[int, typer.Option(help="Train on every n-th sample per car.")] = 4,
     trees: Annotated[int, typer.Option(help="XGBoost trees.")] = 200,
+    skip_if_trained: Annotated[
+        bool, typer.Option(help="Do nothing when every model has a registered version.")
+    ] = False,
 ) -> None:
     """Train the models, track them in MLflow, register and promote (champion/challenger)."""
     from pipeline.ml.labels import LABELS
-    from pipeline.ml.train import TrainConfig, train_all
+    from pipeline.ml.train import TrainConfig, registered_versions, train_all
 
     _setup_logging()
+    if skip_if_trained:
+        versions = registered_versions(get_settings())
+        if all(versions.get(label) for label in LABELS):
+            typer.echo(f"models already trained ({versions}); skipped")
+            return
     config = TrainConfig(
         train_sessions=tuple(train_session or TrainConfig.train_sessions),
         validation_session=validation_session, horizon_s=horizon,
@@ -418,6 +426,24 @@ def bench_stream(
         for name, value in values.items():
             typer.echo(f"  {name:<32} {value:,.3f}" if isinstance(value, float)
                        else f"  {name:<32} {value:,}")  # fmt: skip
+
+
+@bench_app.command("models")
+def bench_models() -> None:
+    """Inference cost of the latest model versions: single row and per row in a batch."""
+    import os
+    import platform
+
+    from pipeline.bench import model_bench
+
+    figures = model_bench.run(get_settings())
+    if not figures:
+        _fail("no registered models: run `f1 train` first")
+    typer.echo(f"machine: {platform.machine()}, {os.cpu_count()} cores; one thread per call")
+    for label, values in figures.items():
+        typer.echo(f"{label}: " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
+        ))  # fmt: skip
 
 
 def _print_status(settings: Settings) -> bool:

@@ -61,23 +61,31 @@ def kafka_consumer_perf(settings: Settings, messages: int) -> float:
 
 
 def throughput(settings: Settings, export_folder: Path) -> dict[str, Any]:
+    """The race twice through one consumer: without the models (the stream's own
+    work), then with the three champions served."""
+    figures: dict[str, Any] = {}
     with bench_topics(settings) as bench:
-        run = f"bench-{uuid.uuid4().hex[:6]}"
-        produced = produce_session(export_folder, speed=None, run_id=run, settings=bench)
-        consumer = StreamConsumer("bench-1", settings=bench, keep_latencies=False)
-        report = consumer.run(until_run=run, idle_timeout_s=60)
-        on_topic = produced.delivered + len(produced.per_partition)  # + end markers
-        kafka_rate = kafka_consumer_perf(bench, on_topic)
-    return {
-        "samples": produced.delivered,
-        "producer_msgs_per_s": produced.achieved_rate_hz,
-        "consumer_msgs_per_s": report.messages_per_s,
-        "consumer_busy_s": report.busy_seconds,
-        "consumer_batches": report.batches,
-        "kafka_consumer_perf_msgs_per_s": kafka_rate,
-        "ratio_to_kafka_perf": report.messages_per_s / kafka_rate,
-        "real_time_factor": report.messages_per_s / (produced.planned / produced.session_seconds),
-    }
+        for serve in (False, True):
+            run = f"bench-{uuid.uuid4().hex[:6]}"
+            produced = produce_session(export_folder, speed=None, run_id=run, settings=bench)
+            consumer = StreamConsumer(
+                "bench-1", settings=bench.model_copy(update={"serve_models": serve})
+            )
+            report = consumer.run(until_run=run, idle_timeout_s=60)
+            suffix = "_with_models" if serve else ""
+            figures[f"consumer_msgs_per_s{suffix}"] = report.messages_per_s
+            figures[f"consumer_busy_s{suffix}"] = report.busy_seconds
+            if not serve:
+                figures["samples"] = produced.delivered
+                figures["producer_msgs_per_s"] = produced.achieved_rate_hz
+                on_topic = produced.delivered + len(produced.per_partition)  # + end markers
+                kafka_rate = kafka_consumer_perf(bench, on_topic)
+                figures["kafka_consumer_perf_msgs_per_s"] = kafka_rate
+                figures["ratio_to_kafka_perf"] = report.messages_per_s / kafka_rate
+                figures["real_time_factor"] = report.messages_per_s / (
+                    produced.planned / produced.session_seconds
+                )
+    return figures
 
 
 def latency_1x(settings: Settings, export_folder: Path, seconds: float) -> dict[str, Any]:

@@ -232,6 +232,17 @@ def train_one(
     return result
 
 
+def registered_versions(settings: Settings) -> dict[str, int]:
+    """How many versions each model has in the registry."""
+    import mlflow
+
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    return {
+        label: len(client.search_model_versions(f"name = '{registered_name(label)}'"))
+        for label in LABELS
+    }
+
+
 def _register(
     label: str,
     booster: Any,

@@ -1,0 +1,54 @@
+"""Inference cost of the served models: one row at a time (p50/p99 per call) and
+a consumer-sized batch (cost per row), on one thread, as the consumer runs them."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pipeline.ml.features import FEATURES
+from pipeline.ml.labels import LABELS
+from pipeline.ml.serving import load_booster
+from pipeline.ml.train import registered_name
+from pipeline.settings import Settings
+
+
+def run(
+    settings: Settings, *, batch_rows: int = 5_000, single_calls: int = 2_000
+) -> dict[str, Any]:
+    import mlflow
+    import numpy as np
+
+    from pipeline.ml import dataset
+
+    features = dataset.build(settings.demo_session, settings=settings).features
+    matrix = features[list(FEATURES)].to_numpy(dtype="float32")
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    figures: dict[str, Any] = {}
+    for label in LABELS:
+        name = registered_name(label)
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            continue
+        latest = max(versions, key=lambda v: int(v.version))
+        booster = load_booster(f"models:/{name}/{latest.version}", settings)
+        booster.inplace_predict(matrix[:10])  # warm up
+        timings = []
+        for i in range(single_calls):
+            row = matrix[i : i + 1]
+            start = time.perf_counter()
+            booster.inplace_predict(row)
+            timings.append(time.perf_counter() - start)
+        batch = matrix[:batch_rows]
+        start = time.perf_counter()
+        for _ in range(10):
+            booster.inplace_predict(batch)
+        per_row = (time.perf_counter() - start) / 10 / len(batch)
+        ms = np.array(timings) * 1000
+        figures[label] = {
+            "version": latest.version,
+            "single_row_p50_ms": float(np.percentile(ms, 50)),
+            "single_row_p99_ms": float(np.percentile(ms, 99)),
+            f"batch_{batch_rows}_us_per_row": per_row * 1e6,
+        }
+    return figures

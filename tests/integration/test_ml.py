@@ -1,0 +1,195 @@
+"""Training against the real MLflow server, and serving the champions in the stream."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.kafka.consumer import StreamConsumer
+from pipeline.kafka.producer import produce_session
+from pipeline.kafka.topics import admin_client, provision, topic_specs
+from pipeline.ml.features import FEATURES
+from pipeline.ml.labels import LABELS, label_samples, load_side_tables
+from pipeline.ml.serving import ChampionScorer
+from pipeline.ml.train import CHAMPION, ModelResult, TrainConfig, registered_name, train_all
+from pipeline.settings import Settings
+from pipeline.sinks import telemetry_db
+from pipeline.sources.export import export_session, read_manifest
+from pipeline.sources.replay import load_samples
+from pipeline.stack import airflow_server
+
+# Small and quick, but the real pipeline: every 8th sample, 80 trees, 2 folds.
+QUICK = TrainConfig(sample_every=8, n_estimators=80, cv_folds=2)
+
+
+@pytest.fixture(scope="module")
+def exports(stack: Settings, race_export: Path) -> Settings:
+    for year in (2021, 2024):  # the training races
+        if read_manifest(f"{year}_Monaco_R") is None:
+            export_session(year, "Monaco", "R", formats=("parquet",))
+    return stack
+
+
+@pytest.fixture(scope="module")
+def trained(exports: Settings) -> dict[str, ModelResult]:
+    return {r.label: r for r in train_all(QUICK, settings=exports)}
+
+
+def test_training_tracks_runs_metrics_artifacts_and_aliases(
+    trained: dict[str, ModelResult], stack: Settings
+) -> None:
+    client = mlflow.MlflowClient(stack.mlflow_tracking_uri)
+    for label in LABELS:
+        result = trained[label]
+        run = client.get_run(str(result.run_id))
+        assert run.data.metrics["val_base_rate"] == pytest.approx(
+            result.base_rates["2023_Monaco_R"]
+        )
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "model_card.md" in artifacts
+        if result.status == "not learnable":
+            assert run.data.tags["status"] == "not learnable"
+            continue
+        for name in ("val_pr_auc", "val_roc_auc", "val_brier", "val_f1", "baseline_val_pr_auc",
+                     "cv_pr_auc", "threshold"):  # fmt: skip
+            assert name in run.data.metrics, name
+        assert {"confusion_matrix.png", "feature_importance.png", "calibration.png"} <= artifacts
+        version = client.get_model_version(registered_name(label), str(result.version))
+        assert result.alias in version.aliases
+        assert sum(result.confusion.values()) == len(
+            load_samples(
+                stack.export_dir / "2023_Monaco_R",
+                columns=["session_time_s", "driver_number", "lap_number"],
+            )["lap_number"].dropna()
+        )
+    # 2021 Monaco has no attributable incident notice at all: the rate says so.
+    assert trained["crash_risk"].base_rates["2021_Monaco_R"] == 0.0
+
+
+def test_the_pit_model_rates_the_end_of_an_in_lap_above_mid_stint(
+    trained: dict[str, ModelResult], stack: Settings
+) -> None:
+    from pipeline.ml import dataset
+
+    validation = dataset.build("2023_Monaco_R", settings=stack)
+    booster = mlflow.xgboost.load_model(
+        f"models:/{registered_name('pit_stop')}/{trained['pit_stop'].version}"
+    )
+    p = booster.inplace_predict(validation.features[list(FEATURES)].to_numpy(dtype="float32"))
+    before_pit = validation.labels["pit_stop"].to_numpy() == 1
+    mid_stint = (validation.features["tyre_life"] > 5) & (validation.features["lap_elapsed_s"] < 30)
+    assert p[before_pit].mean() > 2 * p[mid_stint.to_numpy() & ~before_pit].mean()
+
+
+@pytest.fixture
+def stream(stack: Settings) -> Any:
+    name = f"test-ml-{uuid.uuid4().hex[:8]}"
+    settings = stack.model_copy(
+        update={"telemetry_topic": name, "dead_letter_topic": f"{name}-dlq",
+                "consumer_group": name, "model_refresh_s": 0.5}
+    )  # fmt: skip
+    provision(admin_client(settings), topic_specs(settings))
+    yield settings
+    admin_client(settings).delete_topics([name, f"{name}-dlq"])
+
+
+def test_moving_the_alias_mid_stream_switches_versions_without_losing_a_message(
+    trained: dict[str, ModelResult], stream: Settings, exports: Settings
+) -> None:
+    client = mlflow.MlflowClient(stream.mlflow_tracking_uri)
+    name = registered_name("pit_stop")
+    first = str(trained["pit_stop"].version)
+    [again] = train_all(QUICK, labels=("pit_stop",), settings=exports)
+    second = str(again.version)
+    client.set_registered_model_alias(name, CHAMPION, first)
+    run = f"alias-{uuid.uuid4().hex[:6]}"
+    consumer = StreamConsumer("alias", settings=stream)
+    reports: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: reports.update(r=consumer.run(until_run=run, idle_timeout_s=60))
+    )
+    thread.start()
+    moved = threading.Timer(4.0, client.set_registered_model_alias, (name, CHAMPION, second))
+    moved.start()
+    produced = produce_session(
+        stream.export_dir / "2023_Monaco_R", speed=40.0, run_id=run, start_offset_s=3000,
+        duration_s=400, settings=stream,
+    )  # fmt: skip
+    thread.join()
+    moved.join()
+    with telemetry_db.connect(stream) as conn:
+        rows = pd.DataFrame(
+            conn.execute(
+                "SELECT committed_at, pit_stop_version, pit_stop_p FROM telemetry_predictions "
+                "WHERE run_id = %s ORDER BY committed_at",
+                (run,),
+            ).fetchall(),
+            columns=["committed_at", "version", "p"],
+        )
+    assert len(rows) == produced.delivered == reports["r"].samples
+    assert rows["p"].notna().all()
+    versions = rows["version"].astype(str).tolist()
+    assert set(versions) == {first, second}
+    switch = versions.index(second)
+    assert set(versions[switch:]) == {second}  # once switched, never back
+
+
+def test_a_model_with_other_features_is_refused_and_the_last_good_one_kept(
+    trained: dict[str, ModelResult], stack: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    import xgboost
+
+    client = mlflow.MlflowClient(stack.mlflow_tracking_uri)
+    name = registered_name("pit_stop")
+    good = str(trained["pit_stop"].version)
+    client.set_registered_model_alias(name, CHAMPION, good)
+    scorer = ChampionScorer(stack, labels=("pit_stop",))
+    scorer.refresh(force=True)
+    assert scorer.served["pit_stop"].version == good
+
+    x = np.random.default_rng(1).random((200, 3))
+    other = xgboost.DMatrix(x, label=x[:, 0] > 0.5, feature_names=["a", "b", "c"])
+    odd = xgboost.train({"objective": "binary:logistic"}, other)
+    mlflow.set_tracking_uri(stack.mlflow_tracking_uri)
+    mlflow.set_experiment(name)
+    with mlflow.start_run(run_name="wrong features"):
+        info = mlflow.xgboost.log_model(odd, name="model", registered_model_name=name)
+    client.set_registered_model_alias(name, CHAMPION, str(info.registered_model_version))
+    try:
+        with caplog.at_level(logging.ERROR):
+            scorer.refresh(force=True)
+        assert scorer.served["pit_stop"].version == good
+        assert "expects features ['a', 'b', 'c']" in caplog.text
+    finally:
+        client.set_registered_model_alias(name, CHAMPION, good)
+
+
+def test_training_dag_runs_under_airflow_dags_test(exports: Settings) -> None:
+    conf = '{"sample_every": 40, "trees": 20}'
+    result = airflow_server.run_cli(exports, "dags", "test", "f1_train", "--conf", conf,
+                                    check=False)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "state=success" in result.stdout + result.stderr
+
+
+def test_labels_match_the_base_rates_logged(
+    trained: dict[str, ModelResult], stack: Settings
+) -> None:
+    folder = stack.export_dir / "2023_Monaco_R"
+    samples = load_samples(
+        folder, columns=["date", "session_time_s", "driver_number", "lap_number"]
+    )
+    labels = label_samples(samples, load_side_tables(folder, samples))
+    in_lap = samples["lap_number"].notna()
+    for label in LABELS:
+        assert trained[label].base_rates["2023_Monaco_R"] == pytest.approx(
+            labels.loc[in_lap, label].mean()
+        )
