@@ -1,7 +1,8 @@
 """Serving the champions in the consumer: one native XGBoost Booster per model,
 one `inplace_predict` call per model per batch, on one thread.
 
-Every `refresh_s` the registry is asked where `champion` points; when it moves,
+Every `refresh_s` a background thread asks the registry where `champion` points
+(the hot path never waits on it); when it moves,
 the new version is loaded and checked (its feature names must be exactly
 FEATURES) before it replaces the old one, so a bad version never serves and the
 stream never stops. A model without a champion yet serves nothing (its columns
@@ -11,6 +12,7 @@ stay NULL) and says so once, clearly.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -71,6 +73,16 @@ class ChampionScorer:
         self.refresh_s = settings.model_refresh_s
         self._checked_at = float("-inf")
         self._warned: set[str] = set()
+        self._follower: threading.Thread | None = None
+
+    def _follow(self) -> None:
+        """Background: follow the aliases, so no registry round trip sits in a batch."""
+        while True:
+            time.sleep(self.refresh_s)
+            try:
+                self.refresh(force=True)
+            except Exception:  # never let a registry hiccup end the follower
+                log.exception("following the champions failed; retrying")
 
     def refresh(self, *, force: bool = False) -> None:
         """Follow the `champion` aliases (at most every refresh_s)."""
@@ -120,7 +132,10 @@ class ChampionScorer:
         """Prediction rows for the batch: one predict call per model."""
         import pandas as pd
 
-        self.refresh()
+        if self._follower is None:  # first batch: load the champions before scoring it
+            self.refresh(force=True)
+            self._follower = threading.Thread(target=self._follow, daemon=True)
+            self._follower.start()
         rows = pd.DataFrame(
             {
                 "run_id": samples["run_id"].to_numpy(),

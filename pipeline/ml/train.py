@@ -265,8 +265,12 @@ def _register(
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     try:
         current = client.get_model_version_by_alias(name, CHAMPION)
+        champion_run = client.get_run(str(current.run_id)).data
         champion = f"champion v{current.version}"
-        champion_score = client.get_run(str(current.run_id)).data.metrics.get(PRIMARY_METRIC, 0.0)
+        champion_score = champion_run.metrics.get(PRIMARY_METRIC, 0.0)
+        if champion_run.params.get("features") != ",".join(FEATURES):
+            # Trained on other features: the stream cannot serve it, so it is no rival.
+            champion, champion_score = "", float("-inf")
     except MlflowException:  # no champion yet
         champion, champion_score = "", float("-inf")
     score = result.metrics[PRIMARY_METRIC]
