@@ -14,6 +14,7 @@ would hand the pit-stop model its answer.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -46,16 +47,49 @@ def _rolling(values: np.ndarray, reducer: str) -> np.ndarray:
     return getattr(np, f"nan{reducer}")(windows, axis=1)  # type: ignore[no-any-return]
 
 
-def car_features(car: pd.DataFrame, history: History | None = None) -> tuple[pd.DataFrame, History]:
-    """Features of one car's samples (in order), given the samples before them
-    (`history`: the last WINDOW values per channel, or None at the start).
-    Returns the features and the history for the next call."""
+def _sample_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Features of each sample alone, vectorized over the whole frame."""
     import numpy as np
     import pandas as pd
 
+    def numeric(column: str) -> np.ndarray:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        return np.asarray(values.to_numpy(dtype=float, na_value=np.nan))
+
+    compound = frame["compound"].astype("string").str.upper().map(COMPOUNDS)
+    status = pd.to_numeric(frame["track_status"].astype("string").str[:1], errors="coerce")
+    return {
+        **{
+            c: numeric(c)
+            for c in (
+                "speed",
+                "rpm",
+                "gear",
+                "throttle",
+                "brake",
+                "lap_number",
+                "stint",
+                "tyre_life",
+                "position",
+            )
+        },
+        "drs_open": frame["drs_open"].to_numpy(dtype=float),
+        "is_out_lap": frame["is_out_lap"].to_numpy(dtype=float),
+        "compound_code": compound.to_numpy(dtype=float, na_value=np.nan),
+        "track_status_code": status.to_numpy(dtype=float, na_value=np.nan),
+        "session_time_s": frame["session_time_s"].to_numpy(dtype=float),
+    }
+
+
+def _car_rolling(
+    values: dict[str, np.ndarray], history: History | None
+) -> tuple[dict[str, np.ndarray], History]:
+    """The history-dependent features of one car's new samples (numpy only)."""
+    import numpy as np
+
     history = history or {**{c: [] for c in HISTORY_CHANNELS}, "lap": []}
     kept = len(history["speed"])
-    full = {c: np.concatenate((np.asarray(history[c], dtype=float), car[c].to_numpy(dtype=float)))
+    full = {c: np.concatenate((np.asarray(history[c], dtype=float), values[c]))
             for c in HISTORY_CHANNELS}  # fmt: skip
     new = slice(kept, None)
     gear = full["gear"]
@@ -63,62 +97,83 @@ def car_features(car: pd.DataFrame, history: History | None = None) -> tuple[pd.
     # sample reaches it: the history holds WINDOW values, windows reach back WINDOW - 1.
     changed = np.concatenate(([0.0], (gear[1:] != gear[:-1]).astype(float)))
     speed = full["speed"]
-    speed_change = np.concatenate(([0.0], np.diff(speed)))
-    compound = car["compound"].astype("string").str.upper().map(COMPOUNDS)
-    status = pd.to_numeric(car["track_status"].astype("string").str[:1], errors="coerce")
-    lap_elapsed, lap_state = _lap_elapsed(car, history["lap"])
-    features = pd.DataFrame(
-        {
-            "speed": car["speed"].to_numpy(dtype=float),
-            "rpm": car["rpm"].to_numpy(dtype=float),
-            "gear": car["gear"].to_numpy(dtype=float),
-            "throttle": car["throttle"].to_numpy(dtype=float),
-            "brake": car["brake"].to_numpy(dtype=float),
-            "drs_open": car["drs_open"].to_numpy(dtype=float),
-            "lap_number": pd.to_numeric(car["lap_number"], errors="coerce").to_numpy(dtype=float),
-            "stint": pd.to_numeric(car["stint"], errors="coerce").to_numpy(dtype=float),
-            "tyre_life": pd.to_numeric(car["tyre_life"], errors="coerce").to_numpy(dtype=float),
-            "position": pd.to_numeric(car["position"], errors="coerce").to_numpy(dtype=float),
-            "is_out_lap": car["is_out_lap"].to_numpy(dtype=float),
-            "compound_code": compound.to_numpy(dtype=float, na_value=np.nan),
-            "track_status_code": status.to_numpy(dtype=float, na_value=np.nan),
-            "speed_mean_5s": _rolling(speed, "mean")[new],
-            "speed_min_5s": _rolling(speed, "min")[new],
-            "speed_max_5s": _rolling(speed, "max")[new],
-            "rpm_mean_5s": _rolling(full["rpm"], "mean")[new],
-            "throttle_mean_5s": _rolling(full["throttle"], "mean")[new],
-            "brake_share_5s": _rolling((full["brake"] >= 50).astype(float), "mean")[new],
-            "gear_changes_5s": _rolling(changed, "sum")[new],
-            "speed_change": speed_change[new],
-            "lap_elapsed_s": lap_elapsed,
-        },
-        index=car.index,
-    )
+    lap_elapsed, lap_state = _lap_elapsed(values["lap_number"], values["session_time_s"],
+                                          history["lap"])  # fmt: skip
+    rolled = {
+        "speed_mean_5s": _rolling(speed, "mean")[new],
+        "speed_min_5s": _rolling(speed, "min")[new],
+        "speed_max_5s": _rolling(speed, "max")[new],
+        "rpm_mean_5s": _rolling(full["rpm"], "mean")[new],
+        "throttle_mean_5s": _rolling(full["throttle"], "mean")[new],
+        "brake_share_5s": _rolling((full["brake"] >= 50).astype(float), "mean")[new],
+        "gear_changes_5s": _rolling(changed, "sum")[new],
+        "speed_change": np.concatenate(([0.0], np.diff(speed)))[new],
+        "lap_elapsed_s": lap_elapsed,
+    }
     next_history = {**{c: full[c][-WINDOW:].tolist() for c in HISTORY_CHANNELS}, "lap": lap_state}
-    return features[list(FEATURES)], next_history
+    return rolled, next_history
 
 
-def _lap_elapsed(car: pd.DataFrame, lap_state: list[float]) -> tuple[np.ndarray, list[float]]:
-    """Seconds since the car's first sample of its current lap (NaN outside laps):
-    how far into the lap it is, which the position data would have told."""
+def batch_features(
+    frame: pd.DataFrame, cars: Sequence[tuple[np.ndarray, History | None]]
+) -> tuple[pd.DataFrame, list[History]]:
+    """Features of the rows of `frame` listed per car (`cars`: each car's row
+    positions in order, with its history). Per-sample features are computed
+    once for the frame; only the rolling part runs per car. Returns the
+    features (indexed by row position) and each car's next history."""
     import numpy as np
     import pandas as pd
 
-    lap = pd.to_numeric(car["lap_number"], errors="coerce").to_numpy(dtype=float)
-    times = car["session_time_s"].to_numpy(dtype=float)
+    sample = _sample_features(frame)
+    columns = {name: np.full(len(frame), np.nan) for name in FEATURES}
+    for name in FEATURES:
+        if name in sample:
+            columns[name] = sample[name]
+    histories = []
+    for rows, history in cars:
+        rolled, next_history = _car_rolling({k: v[rows] for k, v in sample.items()}, history)
+        for name, values in rolled.items():
+            columns[name][rows] = values
+        histories.append(next_history)
+    chosen = np.concatenate([rows for rows, _ in cars]) if cars else np.array([], dtype=int)
+    features = pd.DataFrame({name: columns[name][chosen] for name in FEATURES}, index=chosen)
+    return features, histories
+
+
+def car_features(car: pd.DataFrame, history: History | None = None) -> tuple[pd.DataFrame, History]:
+    """Features of one car's samples (in order), given the samples before them
+    (`history`: the last WINDOW values per channel, or None at the start).
+    Returns the features (indexed like `car`) and the history for the next call."""
+    import numpy as np
+
+    features, [next_history] = batch_features(car, [(np.arange(len(car)), history)])
+    return features.set_axis(car.index), next_history
+
+
+def _lap_elapsed(
+    lap: np.ndarray, times: np.ndarray, lap_state: list[float]
+) -> tuple[np.ndarray, list[float]]:
+    """Seconds since the car's first sample of its current lap (NaN outside laps):
+    how far into the lap it is, which the position data would have told."""
+    import numpy as np
+
     previous = np.concatenate(([lap_state[0] if lap_state else np.nan], lap[:-1]))
     starts = ~((lap == previous) | (np.isnan(lap) & np.isnan(previous)))
     start_time = np.where(starts, times, np.nan)
-    if not starts[0] and lap_state:
+    if len(lap) and not starts[0] and lap_state:
         start_time[0] = lap_state[1]
-    start_time = pd.Series(start_time).ffill().to_numpy()
+    known = np.where(~np.isnan(start_time), np.arange(len(start_time)), 0)
+    start_time = start_time[np.maximum.accumulate(known)] if len(lap) else start_time  # ffill
     elapsed = np.where(np.isnan(lap), np.nan, times - start_time)
     return elapsed, [float(lap[-1]), float(start_time[-1])] if len(lap) else lap_state
 
 
 def race_features(samples: pd.DataFrame) -> pd.DataFrame:
     """Features of a whole race (the training path): each car from its start."""
-    import pandas as pd
+    import numpy as np
 
-    parts = [car_features(car)[0] for _, car in samples.groupby("driver_number", sort=False)]
-    return pd.concat(parts).loc[samples.index]
+    positions = np.arange(len(samples))
+    driver = samples["driver_number"].to_numpy()
+    cars = [(positions[driver == number], None) for number in dict.fromkeys(driver.tolist())]
+    features, _ = batch_features(samples, cars)
+    return features.sort_index().set_axis(samples.index)

@@ -108,7 +108,7 @@ def process(
     date_us = frame["date_us"].to_numpy()
     seq = frame["seq"].to_numpy()
     partition = frame["partition"].to_numpy()
-    feature_parts = []
+    feature_cars: list[tuple[np.ndarray, CarState]] = []
     for lo, hi in itertools.pairwise(edges):
         key = str(car_values[lo])
         state = _car_state(states[int(partition[lo])], key, frame.iloc[lo])
@@ -120,10 +120,7 @@ def process(
         if not len(rows):
             continue
         if with_features:
-            from pipeline.ml.features import car_features
-
-            part, state.feature_history = car_features(frame.iloc[rows], state.feature_history)
-            feature_parts.append(part)
+            feature_cars.append((rows, state))
         # Late: the sample's window closed before it arrived. Late samples are
         # stored and counted, but take no part in gaps, rates or windows.
         times = date_us[rows]
@@ -146,7 +143,14 @@ def process(
     samples, events = _attach_anomalies(frame, flags, gap_s, late, keep)
     features = None
     if with_features:
-        features = pd.concat(feature_parts).loc[np.flatnonzero(keep)].reset_index(drop=True)
+        from pipeline.ml.features import batch_features
+
+        features, histories = batch_features(
+            frame, [(rows, car.feature_history or None) for rows, car in feature_cars]
+        )
+        for (_, car), history in zip(feature_cars, histories, strict=True):
+            car.feature_history = history
+        features = features.loc[np.flatnonzero(keep)].reset_index(drop=True)
     return BatchResult(
         samples=samples,
         anomalies=events,
