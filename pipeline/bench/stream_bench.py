@@ -12,30 +12,14 @@ import re
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from pipeline.kafka.consumer import StreamConsumer
 from pipeline.kafka.producer import produce_session
-from pipeline.kafka.topics import admin_client, provision, topic_specs
+from pipeline.kafka.topics import scratch_topics
 from pipeline.settings import Settings
 from pipeline.stack import kafka_server
-
-
-@contextmanager
-def bench_topics(settings: Settings) -> Iterator[Settings]:
-    """Settings pointing at fresh topics and group, deleted afterwards."""
-    name = f"bench-{uuid.uuid4().hex[:8]}"
-    bench = settings.model_copy(
-        update={"telemetry_topic": name, "dead_letter_topic": f"{name}-dlq", "consumer_group": name}
-    )
-    provision(admin_client(bench), topic_specs(bench))
-    try:
-        yield bench
-    finally:
-        admin_client(bench).delete_topics([name, f"{name}-dlq"])
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -64,7 +48,7 @@ def throughput(settings: Settings, export_folder: Path) -> dict[str, Any]:
     """The race twice through one consumer: without the models (the stream's own
     work), then with the three champions served."""
     figures: dict[str, Any] = {}
-    with bench_topics(settings) as bench:
+    with scratch_topics(settings, "bench") as bench:
         for serve in (False, True):
             run = f"bench-{uuid.uuid4().hex[:6]}"
             produced = produce_session(export_folder, speed=None, run_id=run, settings=bench)
@@ -91,7 +75,7 @@ def throughput(settings: Settings, export_folder: Path) -> dict[str, Any]:
 def latency_1x(settings: Settings, export_folder: Path, seconds: float) -> dict[str, Any]:
     """Replay `seconds` of session time at 1x into one consumer (in a thread:
     at ~80 messages/s the two barely share the interpreter)."""
-    with bench_topics(settings) as bench:
+    with scratch_topics(settings, "bench") as bench:
         run = f"bench-{uuid.uuid4().hex[:6]}"
         consumer = StreamConsumer("bench-latency", settings=bench, keep_latencies=True)
         result: dict[str, Any] = {}

@@ -133,6 +133,13 @@ class StreamConsumer:
         log.info("%s revoked %s", self.member, [p.partition for p in partitions])
         consumer.unassign()
 
+    def _subscribe(self) -> None:
+        assert self._consumer is not None
+        self._consumer.subscribe(
+            [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )  # fmt: skip
+
     # --- the loop ---------------------------------------------------------------------
     def run(
         self,
@@ -154,10 +161,7 @@ class StreamConsumer:
         partitions_total = len(
             self._consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
         )
-        self._consumer.subscribe(
-            [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
-        )  # fmt: skip
+        self._subscribe()
         started = last_message = time.monotonic()
         last_check = 0.0
         try:
@@ -231,10 +235,7 @@ class StreamConsumer:
             log.warning("%s: %s; rejoining the group", self.member, err)
             self._consumer.unsubscribe()
             self.states.clear()
-            self._consumer.subscribe(
-                [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                on_lost=self._on_revoke,
-            )  # fmt: skip
+            self._subscribe()
             return
         committed_us = time.time_ns() // 1000
         produced = np.array([m[2] for m in decoded.meta if m[2] is not None], dtype=np.int64)
@@ -377,13 +378,9 @@ def verify_run(
     report = StreamConsumer(f"{stream_run}-verify", settings=settings).run(
         until_run=stream_run, idle_timeout_s=idle_timeout_s
     )
-    check_reachable(settings)
-    from confluent_kafka.admin import AdminClient
+    from pipeline.kafka.topics import admin_client, describe
 
-    from pipeline.kafka.client import base_config
-
-    metadata = AdminClient(base_config(settings)).list_topics(settings.telemetry_topic, timeout=10)
-    partitions = len(metadata.topics[settings.telemetry_topic].partitions)
+    partitions, _ = describe(admin_client(settings), settings.telemetry_topic)
     with telemetry_db.connect(settings, autocommit=True) as conn:
         ended, announced, stored = telemetry_db.run_completion(conn, stream_run)
     summary = {

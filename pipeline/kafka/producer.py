@@ -151,8 +151,7 @@ def produce_session(
         replay = Replay(samples[["session_time_s"]], speed=speed, max_batch=2_000)
         for batch in replay:
             hi = row + len(batch["session_time_s"])
-            produced_at = str(time.time_ns() // 1000).encode()
-            headers = [*schema.headers(SOURCE, 0)[:2], (schema.HEADER_PRODUCED_AT, produced_at)]
+            headers = schema.headers(SOURCE, time.time_ns() // 1000)
             for values in zip(*(columns[f][row:hi] for f in fields), strict=True):
                 sample = schema.TelemetrySample(*values)
                 _produce(

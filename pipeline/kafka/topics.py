@@ -8,6 +8,9 @@ one built from the settings: one implementation for both.
 from __future__ import annotations
 
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -56,6 +59,25 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
             {"retention.ms": str(30 * 24 * 3600 * 1000)},
         ),
     ]
+
+
+SCRATCH_FIELDS = ("telemetry_topic", "dead_letter_topic", "consumer_group")
+
+
+@contextmanager
+def scratch_topics(settings: Settings, prefix: str, **updates: object) -> Iterator[Settings]:
+    """Settings pointing at fresh topics and consumer group of their own (for
+    tests and benchmarks beside a running demo), deleted afterwards."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    scratch = settings.model_copy(
+        update={"telemetry_topic": name, "dead_letter_topic": f"{name}-dlq",
+                "consumer_group": name, **updates}
+    )  # fmt: skip
+    provision(admin_client(scratch), topic_specs(scratch))
+    try:
+        yield scratch
+    finally:
+        admin_client(scratch).delete_topics([name, f"{name}-dlq"])
 
 
 def admin_client(settings: Settings) -> AdminClient:

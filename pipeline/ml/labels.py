@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import numpy as np
     import pandas as pd
 
@@ -69,13 +71,10 @@ class SideTables:
     session_start_utc: pd.Timestamp  # date of session time 0 (t0), to place messages
 
 
-def load_side_tables(export_folder: object, samples: pd.DataFrame) -> SideTables:
+def load_side_tables(folder: Path, samples: pd.DataFrame) -> SideTables:
     """The export's laps, race control and track status tables; t0 from the samples."""
-    from pathlib import Path
-
     import pandas as pd
 
-    folder = Path(str(export_folder))
     first = samples.iloc[0]
     t0 = first["date"].tz_convert(None) - pd.to_timedelta(first["session_time_s"], unit="s")
     return SideTables(
@@ -133,7 +132,6 @@ def pd_events(drivers: object, times_s: object) -> pd.DataFrame:
 
 def tyre_cliffs(laps: pd.DataFrame) -> pd.DataFrame:
     """Start times of cliff laps (see the module docstring)."""
-    import pandas as pd
 
     clean = laps[
         laps["LapTime"].notna()
@@ -150,11 +148,7 @@ def tyre_cliffs(laps: pd.DataFrame) -> pd.DataFrame:
         )
     )
     cliff = clean[seconds > reference * (1 + CLIFF_LOSS)]
-    return (
-        pd_events(cliff["DriverNumber"], cliff["LapStartTime"].dt.total_seconds())
-        if len(cliff)
-        else pd.DataFrame({"driver_number": pd.Series(dtype=int), "time_s": pd.Series(dtype=float)})
-    )
+    return pd_events(cliff["DriverNumber"], cliff["LapStartTime"].dt.total_seconds())
 
 
 def incidents(side: SideTables) -> pd.DataFrame:

@@ -159,15 +159,13 @@ def train_one(
 
     y_train = train.labels[label].to_numpy()
     y_val = validation.labels[label].to_numpy()
-    per_race = {
-        key: float(train.labels.loc[train.groups.str.startswith(f"{key}:"), label].mean())
+    by_race = {
+        key: train.labels.loc[train.groups.str.startswith(f"{key}:"), label]
         for key in config.train_sessions
     }
+    per_race = {key: float(y.mean()) for key, y in by_race.items()}
     per_race[validation.session_key] = float(y_val.mean())
-    positives = {
-        key: int(train.labels.loc[train.groups.str.startswith(f"{key}:"), label].sum())
-        for key in config.train_sessions
-    }
+    positives = {key: int(y.sum()) for key, y in by_race.items()}
     positives[validation.session_key] = int(y_val.sum())
     result = ModelResult(label, "registered", per_race, positives)
 

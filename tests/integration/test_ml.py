@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.kafka.consumer import StreamConsumer
 from pipeline.kafka.producer import produce_session
-from pipeline.kafka.topics import admin_client, provision, topic_specs
+from pipeline.kafka.topics import scratch_topics
 from pipeline.ml.features import FEATURES
 from pipeline.ml.labels import LABELS, label_samples, load_side_tables
 from pipeline.ml.serving import ChampionScorer
@@ -91,14 +91,8 @@ def test_the_pit_model_rates_the_end_of_an_in_lap_above_mid_stint(
 
 @pytest.fixture
 def stream(stack: Settings) -> Any:
-    name = f"test-ml-{uuid.uuid4().hex[:8]}"
-    settings = stack.model_copy(
-        update={"telemetry_topic": name, "dead_letter_topic": f"{name}-dlq",
-                "consumer_group": name, "model_refresh_s": 0.5}
-    )  # fmt: skip
-    provision(admin_client(settings), topic_specs(settings))
-    yield settings
-    admin_client(settings).delete_topics([name, f"{name}-dlq"])
+    with scratch_topics(stack, "test-ml", model_refresh_s=0.5) as settings:
+        yield settings
 
 
 def test_moving_the_alias_mid_stream_switches_versions_without_losing_a_message(

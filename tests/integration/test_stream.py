@@ -25,7 +25,15 @@ from confluent_kafka import Consumer, Producer
 from pipeline import schema
 from pipeline.kafka.consumer import StreamConsumer
 from pipeline.kafka.producer import produce_session
-from pipeline.kafka.topics import TopicMismatch, admin_client, describe, provision, topic_specs
+from pipeline.kafka.topics import (
+    SCRATCH_FIELDS,
+    TopicMismatch,
+    admin_client,
+    describe,
+    provision,
+    scratch_topics,
+    topic_specs,
+)
 from pipeline.settings import PROJECT_ROOT, Settings
 from pipeline.sinks import telemetry_db
 from pipeline.sources.replay import load_samples
@@ -38,18 +46,10 @@ RACE = "2023_Monaco_R"
 @pytest.fixture
 def isolated(stack: Settings) -> Iterator[tuple[Settings, dict[str, str]]]:
     """Settings and a subprocess environment with fresh topics and group."""
-    name = f"test-{uuid.uuid4().hex[:8]}"
-    overrides = {
-        "telemetry_topic": name,
-        "dead_letter_topic": f"{name}-dlq",
-        "consumer_group": name,
-    }
-    settings = stack.model_copy(update=overrides)
-    provision(admin_client(settings), topic_specs(settings))
-    telemetry_db.ensure_schema(settings)
-    env = {**os.environ, **{k.upper(): v for k, v in overrides.items()}}
-    yield settings, env
-    admin_client(settings).delete_topics([name, f"{name}-dlq"])
+    with scratch_topics(stack, "test") as settings:
+        telemetry_db.ensure_schema(settings)
+        env = {**os.environ, **{f.upper(): str(getattr(settings, f)) for f in SCRATCH_FIELDS}}
+        yield settings, env
 
 
 @pytest.fixture(scope="module")
