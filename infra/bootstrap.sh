@@ -17,6 +17,8 @@ java_major=$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head
 [ -n "$java_major" ] && [ "$java_major" -ge 17 ] || missing+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || missing+=(maven)
 command -v setpriv >/dev/null || missing+=(util-linux)
+# Headless browser for dashboard screenshots and the UI tests (driven by Playwright).
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   command -v apt-get >/dev/null \
     || die "missing ${missing[*]} and there is no apt-get: install them with your package manager, then run make up again."

@@ -263,6 +263,10 @@ class StreamConsumer:
             {
                 "group_id": self.group,
                 "consumer": self.member,
+                # The batch's main session, so dashboards can filter health by session.
+                "session_key": (
+                    result.samples["session_key"].mode().iat[0] if len(result.samples) else None
+                ),
                 "partitions": sorted(self.states),
                 "messages": len(messages),
                 "samples": len(result.samples),

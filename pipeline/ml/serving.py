@@ -141,6 +141,7 @@ class ChampionScorer:
                 "run_id": samples["run_id"].to_numpy(),
                 "session_key": samples["session_key"].to_numpy(),
                 "driver_number": samples["driver_number"].to_numpy(),
+                "driver": samples["driver"].to_numpy(),  # dashboards filter by it
                 "seq": samples["seq"].to_numpy(),
                 "event_time": pd.to_datetime(samples["date_us"], unit="us", utc=True).to_numpy(),
             }

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.settings import Settings, get_settings
+from pipeline.sinks import dashboard_views
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -152,6 +153,10 @@ CREATE TABLE IF NOT EXISTS telemetry_predictions (
     committed_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (run_id, driver_number, seq)
 );
+-- Added after the first release: databases made before get them here.
+ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS driver text;
+ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS session_key text;
+CREATE INDEX IF NOT EXISTS stream_metrics_recorded_at ON stream_metrics (recorded_at);
 CREATE TABLE IF NOT EXISTS consumer_offsets (
     group_id text NOT NULL,
     topic text NOT NULL,
@@ -201,6 +206,7 @@ def ensure_schema(settings: Settings | None = None) -> None:
     with connect(settings) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('f1_telemetry_schema'))")
         conn.execute(SCHEMA_SQL)
+        conn.execute(dashboard_views.VIEWS_SQL)
 
 
 @dataclass

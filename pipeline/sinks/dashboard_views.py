@@ -1,0 +1,3 @@
+"""Views the Superset dashboards read (through the read-only role)."""
+
+VIEWS_SQL = "SELECT 1"
