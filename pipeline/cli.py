@@ -428,6 +428,37 @@ def bench_stream(
                        else f"  {name:<32} {value:,}")  # fmt: skip
 
 
+@bench_app.command("live")
+def bench_live(
+    session: Annotated[str, typer.Option(help="Export to replay (from about lap 22).")] = (
+        "2023_Monaco_R"
+    ),
+    seconds: Annotated[float, typer.Option(help="Wall seconds the page is watched.")] = 30.0,
+    speed: Annotated[float, typer.Option(help="Replay speed (1 = real time).")] = 1.0,
+    consumers: Annotated[int, typer.Option(help="Consumers in the group.")] = 2,
+) -> None:
+    """The live page in headless Chromium during a replay: updates and redraws per
+    second, and the time from a consumer's commit to the browser having it."""
+    import os
+    import platform
+
+    from pipeline.bench import live_bench
+
+    _setup_logging()
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    settings = get_settings()
+    watched, produced, _ = live_bench.run(
+        settings, _export_folder(session), seconds=seconds, speed=speed, consumers=consumers
+    )
+    typer.echo(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores; {session} at {speed:g}x, "
+        f"{consumers} consumer(s), {seconds:g} s watched"
+    )
+    for name, value in live_bench.figures(watched, produced).items():
+        typer.echo(f"  {name:<28} {value:,.3f}" if isinstance(value, float)
+                   else f"  {name:<28} {value:,}")  # fmt: skip
+
+
 @bench_app.command("models")
 def bench_models() -> None:
     """Inference cost of the latest model versions: single row and per row in a batch."""

@@ -8,14 +8,20 @@ import time
 from typing import Any
 
 from pipeline.settings import Settings
+from pipeline.sources.replay import race_start_offset_s
 from pipeline.stack import airflow_server
 
 STREAM_DAG = "f1_stream"
+LEAD_IN_S = 30.0  # the demo starts this long before lights out (the grid, then the start)
 
 
 def start_demo(settings: Settings, *, wait_s: float = 180.0) -> dict[str, Any]:
     """Unpause f1_stream and trigger it with the demo settings, unless a run is
-    queued or running. Returns the run (existing or new)."""
+    queued or running. Returns the run (existing or new). The replay starts just
+    before the race start, not an hour earlier with the session clock."""
+    start_offset_s = max(
+        0.0, race_start_offset_s(settings.export_dir / settings.demo_session) - LEAD_IN_S
+    )
     with airflow_server.api_client(settings) as api:
         deadline = time.monotonic() + wait_s
         # On a fresh machine the dag-processor needs a moment to parse the DAGs.
@@ -41,6 +47,7 @@ def start_demo(settings: Settings, *, wait_s: float = 180.0) -> dict[str, Any]:
                     "session": settings.demo_session,
                     "speed": settings.demo_speed,
                     "consumers": settings.demo_consumers,
+                    "start_offset_s": round(start_offset_s, 3),
                 },
             },
         )

@@ -102,6 +102,11 @@ class Settings(BaseSettings):
     model_refresh_s: float = Field(
         10.0, gt=0, description="How often consumers check where `champion` points."
     )
+    live_channel: str = Field(
+        "f1_live",
+        pattern=r"^[a-z_][a-z0-9_]*$",
+        description="PostgreSQL NOTIFY channel of the live page; empty batches send nothing.",
+    )
     demo_session: str = Field("2023_Monaco_R", description="Race `make up` replays.")
     demo_speed: float = Field(
         1.0, ge=0, description="Speed of the demo replay: 1 real time (~2 h), 0 unpaced."

@@ -87,7 +87,7 @@ def latency_1x(settings: Settings, export_folder: Path, seconds: float) -> dict[
         thread.start()
         produced = produce_session(
             export_folder, speed=1.0, run_id=run, duration_s=seconds, settings=bench,
-            start_offset_s=3600.0,  # mid-race: all cars on track
+            start_offset_s=3600.0,  # the race start: all cars on track
         )  # fmt: skip
         thread.join()
     report = result["report"]

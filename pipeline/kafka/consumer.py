@@ -22,6 +22,7 @@ import msgspec
 
 from pipeline import schema
 from pipeline.kafka.client import check_reachable, consumer_config, producer_config
+from pipeline.live import feed as live_feed
 from pipeline.processing import batch as batch_logic
 from pipeline.settings import Settings, get_settings
 from pipeline.sinks import telemetry_db
@@ -258,6 +259,14 @@ class StreamConsumer:
         r.anomalies += anomalies
         r.windows += len(result.windows)
         r.run_ends += len(decoded.ends)
+        update = live_feed.batch_update(
+            consumer=self.member,
+            samples=result.samples,
+            predictions=scored.get("telemetry_predictions"),
+            alerts=result.anomalies,
+            latency_ms=(p50, p99),
+            committed_us=committed_us,
+        )
         telemetry_db.record_metrics(
             self._conn,
             {
@@ -282,6 +291,7 @@ class StreamConsumer:
                 "batch_seconds": elapsed,
                 "messages_per_s": len(messages) / elapsed if elapsed else 0.0,
             },
+            notify=(self.settings.live_channel, update) if update else None,
         )
 
     def _decode(self, messages: list[Message]) -> tuple[_Decoded, dict[int, int]]:

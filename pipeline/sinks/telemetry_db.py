@@ -201,12 +201,28 @@ def connect(settings: Settings | None = None, *, autocommit: bool = False) -> ps
 
 
 def ensure_schema(settings: Settings | None = None) -> None:
-    """Create the tables (idempotent). The reader role sees them through the
-    default privileges set when the database was provisioned."""
+    """Create the tables and the dashboards' views (idempotent). The reader role
+    sees them through the default privileges set when the database was provisioned.
+
+    Applied only when the definitions changed (their digest is stored): `ALTER
+    TABLE` and `CREATE OR REPLACE VIEW` take exclusive locks, and every producer
+    and consumer calls this while dashboards and other consumers are busy."""
+    import hashlib
+
+    wanted = hashlib.sha256((SCHEMA_SQL + dashboard_views.VIEWS_SQL).encode()).hexdigest()
     with connect(settings) as conn:
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('f1_telemetry_schema'))")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_applied "
+            "(digest text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        applied = conn.execute("SELECT digest FROM schema_applied").fetchone()
+        if applied is not None and applied[0] == wanted:
+            return
         conn.execute(SCHEMA_SQL)
         conn.execute(dashboard_views.VIEWS_SQL)
+        conn.execute("DELETE FROM schema_applied")
+        conn.execute("INSERT INTO schema_applied (digest) VALUES (%s)", (wanted,))
 
 
 @dataclass
@@ -332,13 +348,24 @@ def _window_values(window: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(values[c] for c in WINDOW_COLUMNS)
 
 
-def record_metrics(conn: psycopg.Connection, metrics: dict[str, Any]) -> None:
+def record_metrics(
+    conn: psycopg.Connection, metrics: dict[str, Any], notify: tuple[str, bytes] | None = None
+) -> None:
+    """Store one batch's metrics; with `notify` (channel, payload), also tell the
+    listeners (the live page) in the same statement: one round trip per batch."""
     columns = list(metrics)
-    conn.execute(
+    insert = (
         f"INSERT INTO stream_metrics ({', '.join(columns)}) "
-        f"VALUES ({', '.join(['%s'] * len(columns))})",
-        [metrics[c] for c in columns],
+        f"VALUES ({', '.join(['%s'] * len(columns))})"
     )
+    values = [metrics[c] for c in columns]
+    if notify is None:
+        conn.execute(insert, values)
+    else:
+        conn.execute(
+            f"WITH stored AS ({insert} RETURNING 1) SELECT pg_notify(%s, %s) FROM stored",
+            [*values, notify[0], notify[1].decode()],
+        )
 
 
 def run_completion(conn: psycopg.Connection, run_id: str) -> tuple[int, int, int]:

@@ -43,6 +43,15 @@ def load_samples(export_folder: Path, columns: list[str] | None = None) -> pd.Da
     return table.sort_values("session_time_s", kind="stable").reset_index(drop=True)
 
 
+def race_start_offset_s(export_folder: Path) -> float:
+    """Seconds from an export's first sample to the start of lap 1 (lights out):
+    a race session's clock starts about an hour earlier, with the cars in the garage."""
+    samples = load_samples(export_folder, columns=["session_time_s", "lap_number", "driver_number"])
+    times = samples["session_time_s"]
+    on_lap = times[samples["lap_number"].notna()]
+    return float(on_lap.min() - times.min()) if len(on_lap) else 0.0
+
+
 @dataclass
 class PacingStats:
     """Scheduled vs actual emit time per batch, in seconds (positive = late)."""

@@ -1,0 +1,92 @@
+"""The live page in headless Chromium (Debian's, driven by Playwright): what it
+received and drew, as the page itself counts it (`window.f1live`).
+
+Signed in the way the Airflow UI is after its login form: Airflow's JWT in the
+`_token` cookie, obtained from `POST /auth/token` with the admin from `.env`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from pipeline.settings import Settings
+
+CHROMIUM = "/usr/bin/chromium"
+VIEWPORT = {"width": 1600, "height": 900}
+
+
+@dataclass
+class PageWatch:
+    seconds: float  # from the first update received to the last
+    events: int  # updates received
+    renders: int  # redraws
+    renders_with_cars: int
+    latencies_ms: list[float] = field(default_factory=list)  # commit -> browser, per update
+    cars_shown: int = 0
+    first_row: list[str] = field(default_factory=list)  # the cells of the leader's row
+    screenshot: Path | None = None
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.seconds if self.seconds else 0.0
+
+    @property
+    def renders_per_s(self) -> float:
+        return self.renders_with_cars / self.seconds if self.seconds else 0.0
+
+
+def airflow_token(settings: Settings) -> str:
+    answer = httpx.post(
+        f"{settings.airflow_url}/auth/token",
+        json={
+            "username": settings.airflow_admin_user,
+            "password": settings.airflow_admin_password.get_secret_value(),
+        },
+        timeout=30,
+    )
+    answer.raise_for_status()
+    return str(answer.json()["access_token"])
+
+
+def watch(settings: Settings, seconds: float, screenshot: Path | None = None) -> PageWatch:
+    """Open the live page signed in, keep it open `seconds`, and read its counters."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
+        )
+        try:
+            context = browser.new_context(viewport=VIEWPORT)  # type: ignore[arg-type]
+            context.add_cookies(
+                [{"name": "_token", "value": airflow_token(settings), "url": settings.airflow_url}]
+            )
+            page = context.new_page()
+            answer = page.goto(f"{settings.airflow_url}/f1/live")
+            if answer is None or answer.status != 200:
+                raise RuntimeError(f"live page answered {answer and answer.status}")
+            page.wait_for_timeout(seconds * 1000)
+            stats: dict[str, Any] = page.evaluate("window.f1live")
+            first_row = page.locator("#cars tr").first
+            cells = first_row.locator("td").all_inner_texts() if first_row.count() else []
+            cars_shown = page.locator("#cars tr").count()
+            if screenshot is not None:
+                screenshot.parent.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(screenshot))
+        finally:
+            browser.close()
+    span_ms = (stats["lastEventAt"] or 0) - (stats["firstEventAt"] or 0)
+    return PageWatch(
+        seconds=span_ms / 1000,
+        events=int(stats["events"]),
+        renders=int(stats["renders"]),
+        renders_with_cars=int(stats["rendersWithCars"]),
+        latencies_ms=[float(v) for v in stats["latenciesMs"]],
+        cars_shown=cars_shown,
+        first_row=cells,
+        screenshot=screenshot,
+    )

@@ -1,0 +1,76 @@
+"""The live page: the Airflow plugin on the real api-server, fed by a real replay
+through Kafka and the consumer's NOTIFY, watched in headless Chromium."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from pipeline.bench import live_bench
+from pipeline.live import browser
+from pipeline.settings import Settings
+from pipeline.sinks import telemetry_db
+
+ROUTES = ("/f1/live", "/f1/events", "/f1/stats")
+
+
+def test_the_plugin_mounts_the_page_and_adds_a_navigation_entry(
+    airflow_api: httpx.Client,
+) -> None:
+    plugins = {p["name"]: p for p in airflow_api.get("/plugins").json()["plugins"]}
+    live = plugins["f1_live"]
+    assert [a["url_prefix"] for a in live["fastapi_apps"]] == ["/f1"]
+    (view,) = live["external_views"]
+    assert (view["href"], view["destination"]) == ("f1/live", "nav")
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_the_live_page_refuses_callers_without_valid_credentials(
+    stack: Settings, route: str
+) -> None:
+    url = f"{stack.airflow_url}{route}"
+    anonymous = httpx.get(url, headers={"Accept": "text/html"})
+    assert anonymous.status_code == 401
+    assert "/auth/login" in anonymous.text  # a browser is told where to sign in
+    forged = httpx.get(url, cookies={"_token": "not-a-jwt"})
+    assert forged.status_code == 403
+    signed = httpx.get(
+        f"{stack.airflow_url}/f1/stats",
+        headers={"Authorization": f"Bearer {browser.airflow_token(stack)}"},
+    )
+    assert signed.status_code == 200
+
+
+def test_a_replay_reaches_the_browser_at_ten_updates_a_second(
+    stack: Settings, race_export: Path
+) -> None:
+    # 5x with the demo's two consumers: real car data comes in ~3.8 bursts a second
+    # and each consumer commits a burst as one update (pipeline/bench/live_bench.py).
+    watched, produced, consumed = live_bench.run(
+        stack,
+        race_export,
+        seconds=10,
+        speed=5.0,
+        consumers=2,
+        screenshot=stack.stack_dir / "screenshots" / "live.png",
+    )
+    figures = live_bench.figures(watched, produced)
+    print("live page:", figures)
+    assert produced.delivered > 0 and sum(r.samples for r in consumed) == produced.delivered
+    assert watched.events_per_s >= 10, figures
+    assert watched.renders_per_s >= 10, figures  # each update drawn (at most every 50 ms)
+    # Every update was timed, and commit happens before the browser has it.
+    assert len(watched.latencies_ms) == watched.events
+    assert min(watched.latencies_ms) > 0
+    # The page shows the cars the consumer stored, with their numbers.
+    with telemetry_db.connect(stack) as conn:
+        row = conn.execute(
+            "SELECT count(DISTINCT driver_number) FROM telemetry_samples WHERE run_id = %s",
+            (produced.run_id,),
+        ).fetchone()
+    assert row is not None and watched.cars_shown == row[0] == 20
+    _position, car, lap, speed = watched.first_row[:4]
+    assert car.split()[0].isalpha() and lap.isdigit() and speed.isdigit()
+    assert watched.screenshot is not None and watched.screenshot.stat().st_size > 10_000
