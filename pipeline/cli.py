@@ -447,14 +447,14 @@ def bench_live(
     _setup_logging()
     logging.getLogger("pipeline").setLevel(logging.WARNING)
     settings = get_settings()
-    watched, produced, _ = live_bench.run(
+    live = live_bench.run(
         settings, _export_folder(session), seconds=seconds, speed=speed, consumers=consumers
     )
     typer.echo(
         f"machine: {platform.machine()}, {os.cpu_count()} cores; {session} at {speed:g}x, "
         f"{consumers} consumer(s), {seconds:g} s watched"
     )
-    for name, value in live_bench.figures(watched, produced).items():
+    for name, value in live_bench.figures(live).items():
         typer.echo(f"  {name:<28} {value:,.3f}" if isinstance(value, float)
                    else f"  {name:<28} {value:,}")  # fmt: skip
 

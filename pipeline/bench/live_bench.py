@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,18 @@ from pipeline.kafka.producer import ProduceReport, produce_session
 from pipeline.kafka.topics import scratch_topics
 from pipeline.live import browser
 from pipeline.settings import Settings
+from pipeline.sinks import telemetry_db
 
 MID_RACE_S = 5400.0  # session clock: about lap 22 in 2023, all cars on track
 WARM_UP_S = 3.0  # consumers join the group and the page connects before the replay
+
+
+@dataclass
+class LiveRun:
+    watched: browser.PageWatch
+    produced: ProduceReport
+    consumed: list[ConsumeReport]
+    cars_stored: int  # distinct cars of the run in telemetry_samples
 
 
 def run(
@@ -34,7 +44,7 @@ def run(
     speed: float,
     consumers: int = 1,
     screenshot: Path | None = None,
-) -> tuple[browser.PageWatch, ProduceReport, list[ConsumeReport]]:
+) -> LiveRun:
     """Watch the page for `seconds` of wall time while the replay runs."""
     with scratch_topics(settings, "live") as scratch:
         run_id = f"live-{uuid.uuid4().hex[:6]}"
@@ -70,16 +80,22 @@ def run(
         producer.join()
         for thread in threads:
             thread.join()
-    return watched, produced["report"], reports
+        with telemetry_db.connect(scratch) as conn:
+            row = conn.execute(
+                "SELECT count(DISTINCT driver_number) FROM telemetry_samples WHERE run_id = %s",
+                (run_id,),
+            ).fetchone()
+    return LiveRun(watched, produced["report"], reports, int(row[0]) if row else 0)
 
 
-def figures(watched: browser.PageWatch, produced: ProduceReport) -> dict[str, Any]:
+def figures(live: LiveRun) -> dict[str, Any]:
     import numpy as np
 
+    watched = live.watched
     latencies = watched.latencies_ms or [0.0]
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99]).tolist()
     return {
-        "replay_rate_hz": produced.achieved_rate_hz,
+        "replay_rate_hz": live.produced.achieved_rate_hz,
         "updates_received": watched.events,
         "updates_per_s": watched.events_per_s,
         "redraws_per_s": watched.renders_per_s,

@@ -222,10 +222,10 @@ def _record_run_start(settings: Settings, report: ProduceReport) -> None:
     with telemetry_db.connect(settings, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO stream_runs (run_id, session_key, source, speed, samples_planned, "
-            "intended_rate_hz) VALUES (%s, %s, %s, %s, %s, %s) "
+            "intended_rate_hz, topic) VALUES (%s, %s, %s, %s, %s, %s, %s) "
             "ON CONFLICT (run_id) DO UPDATE SET started_at = now(), finished_at = NULL",
             (report.run_id, report.session_key, SOURCE, report.speed, report.planned,
-             report.intended_rate_hz),
+             report.intended_rate_hz, settings.telemetry_topic),
         )  # fmt: skip
 
 

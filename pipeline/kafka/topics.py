@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pipeline.settings import Settings
+from pipeline.sinks import telemetry_db
 
 if TYPE_CHECKING:
     from confluent_kafka.admin import AdminClient
@@ -67,7 +68,8 @@ SCRATCH_FIELDS = ("telemetry_topic", "dead_letter_topic", "consumer_group")
 @contextmanager
 def scratch_topics(settings: Settings, prefix: str, **updates: object) -> Iterator[Settings]:
     """Settings pointing at fresh topics and consumer group of their own (for
-    tests and benchmarks beside a running demo), deleted afterwards."""
+    tests and benchmarks beside a running demo), deleted afterwards with all the
+    rows their runs stored."""
     name = f"{prefix}-{uuid.uuid4().hex[:8]}"
     scratch = settings.model_copy(
         update={"telemetry_topic": name, "dead_letter_topic": f"{name}-dlq",
@@ -78,6 +80,11 @@ def scratch_topics(settings: Settings, prefix: str, **updates: object) -> Iterat
         yield scratch
     finally:
         admin_client(scratch).delete_topics([name, f"{name}-dlq"])
+        telemetry_db.ensure_schema(scratch)
+        with telemetry_db.connect(scratch, autocommit=True) as conn:
+            telemetry_db.delete_stream_data(
+                conn, topic=name, dead_letter_topic=f"{name}-dlq", group_id=name
+            )
 
 
 def admin_client(settings: Settings) -> AdminClient:

@@ -156,6 +156,7 @@ CREATE TABLE IF NOT EXISTS telemetry_predictions (
 -- Added after the first release: databases made before get them here.
 ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS driver text;
 ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS session_key text;
+ALTER TABLE stream_runs ADD COLUMN IF NOT EXISTS topic text;
 CREATE INDEX IF NOT EXISTS stream_metrics_recorded_at ON stream_metrics (recorded_at);
 CREATE TABLE IF NOT EXISTS consumer_offsets (
     group_id text NOT NULL,
@@ -366,6 +367,33 @@ def record_metrics(
             f"WITH stored AS ({insert} RETURNING 1) SELECT pg_notify(%s, %s) FROM stored",
             [*values, notify[0], notify[1].decode()],
         )
+
+
+RUN_TABLES = (
+    "telemetry_samples", "telemetry_windows", "anomaly_events", "telemetry_predictions",
+    "stream_run_ends",
+)  # fmt: skip
+
+
+def delete_stream_data(
+    conn: psycopg.Connection, *, topic: str, dead_letter_topic: str, group_id: str
+) -> int:
+    """Remove what the runs produced to `topic` and the consumer group stored
+    (the scratch data of tests and benchmarks, so dashboards show real replays).
+    Returns the number of runs removed."""
+    with conn.transaction():
+        runs = [
+            row[0]
+            for row in conn.execute("SELECT run_id FROM stream_runs WHERE topic = %s", (topic,))
+        ]
+        for table in (*RUN_TABLES, "stream_runs"):
+            conn.execute(f"DELETE FROM {table} WHERE run_id = ANY(%s)", (runs,))
+        conn.execute("DELETE FROM stream_metrics WHERE group_id = %s", (group_id,))
+        conn.execute("DELETE FROM consumer_offsets WHERE group_id = %s", (group_id,))
+        conn.execute(
+            "DELETE FROM dead_letters WHERE topic = ANY(%s)", ([topic, dead_letter_topic],)
+        )
+    return len(runs)
 
 
 def run_completion(conn: psycopg.Connection, run_id: str) -> tuple[int, int, int]:
