@@ -313,9 +313,9 @@ def demo() -> None:
     typer.echo(
         f"\nDemo replay {state}: {settings.demo_session} at {speed}, "
         f"{settings.demo_consumers} consumers (DAG run {run['dag_run_id']}).\n"
-        f"  Watch it: {settings.airflow_url}/dags/{STREAM_DAG}\n"
-        f"  Its rows: PostgreSQL database telemetry (telemetry_samples, telemetry_windows, "
-        "anomaly_events, stream_metrics)"
+        f"  Live page:  {settings.airflow_url}/plugin/f1-live  (Airflow login)\n"
+        f"  Dashboards: {settings.superset_url}/dashboard/list/  (Superset login)\n"
+        f"  The DAG:    {settings.airflow_url}/dags/{STREAM_DAG}"
     )
 
 

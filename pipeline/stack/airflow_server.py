@@ -115,6 +115,19 @@ def _component_healthy(settings: Settings, component: str, started: Path) -> boo
     return datetime.fromisoformat(beat).timestamp() >= started.stat().st_mtime - 1
 
 
+def plugin_code_digest() -> str:
+    """The api-server imports plugins (and the live page they mount) only at start."""
+    import hashlib
+
+    files = sorted((PROJECT_ROOT / "plugins").glob("*.py")) + sorted(
+        (PROJECT_ROOT / "pipeline" / "live").glob("*.py")
+    )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def processes(settings: Settings) -> list[ManagedProcess]:
     env = environment(settings)
     run_dir = settings.stack_dir / "run"
@@ -144,6 +157,7 @@ def processes(settings: Settings) -> list[ManagedProcess]:
                 if component == "api-server"
                 else [],
                 start_timeout=180,
+                code_digest=plugin_code_digest if component == "api-server" else None,
             )
         )
     return procs

@@ -72,7 +72,7 @@ SERVICES = (POSTGRES, *DEPENDENT_SERVICES)
 def _bring_up(service: Service, settings: Settings) -> list[str]:
     started_at = time.monotonic()
     procs = service.processes(settings)
-    if all(p.pid() is not None and p.healthy() for p in procs):
+    if all(p.pid() is not None and p.healthy() and not p.code_changed() for p in procs):
         log.info("%s: already running and healthy", service.name)
         service.configure(settings)
         return []

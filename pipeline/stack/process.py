@@ -69,6 +69,19 @@ class ManagedProcess:
     diagnostic_log: Path | None = None
     # Turns the log text of a failed start into advice for the user, when it recognises it.
     advise: Callable[[str], str | None] = lambda text: None
+    # The code it loads once at start (e.g. Airflow plugins): when this digest differs
+    # from the one recorded at start, a running process is restarted to pick it up.
+    code_digest: Callable[[], str] | None = None
+
+    @property
+    def digest_file(self) -> Path:
+        return self.run_dir / f"{self.name}.code"
+
+    def code_changed(self) -> bool:
+        if self.code_digest is None:
+            return False
+        recorded = self.digest_file.read_text() if self.digest_file.exists() else ""
+        return recorded != self.code_digest()
 
     @property
     def pid_file(self) -> Path:
@@ -98,11 +111,15 @@ class ManagedProcess:
     def start(self) -> bool:
         """Start unless already healthy. Returns True if this call started it."""
         if self.pid() is not None:
-            if self.wait_healthy(timeout=self.start_timeout, quiet=True):
+            if self.code_changed():
+                log.info("%s: its code changed since it started; restarting it", self.name)
+                self.stop()
+            elif self.wait_healthy(timeout=self.start_timeout, quiet=True):
                 log.info("%s: already running (pid %s)", self.name, self.pid())
                 return False
-            log.warning("%s: found running but not healthy; restarting it", self.name)
-            self.stop()
+            else:
+                log.warning("%s: found running but not healthy; restarting it", self.name)
+                self.stop()
         for host, port in self.ports:
             owner = port_owner(host, port)
             if owner:
@@ -125,6 +142,8 @@ class ManagedProcess:
                 start_new_session=True,  # its own process group: stop signals reach children
             )
         self.pid_file.write_text(str(proc.pid))
+        if self.code_digest is not None:
+            self.digest_file.write_text(self.code_digest())
         log.info("%s: started (pid %s), waiting for its health check", self.name, proc.pid)
         if not self.wait_healthy(timeout=self.start_timeout, proc=proc):
             code = proc.poll()

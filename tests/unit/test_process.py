@@ -82,3 +82,22 @@ def test_a_process_that_dies_at_start_reports_its_log(tmp_path: Path) -> None:
     )
     with pytest.raises(StackError, match=r"broken exited with code 3(.|\n)*config file is missing"):
         proc.start()
+
+
+def test_a_process_whose_code_changed_is_restarted_and_an_unchanged_one_is_not(
+    tmp_path: Path,
+) -> None:
+    code = tmp_path / "plugin.py"
+    code.write_text("v1")
+    proc = _http_server(tmp_path, _free_port())
+    proc.code_digest = code.read_text
+    try:
+        assert proc.start() is True
+        first = proc.pid()
+        assert proc.start() is False and proc.pid() == first
+        code.write_text("v2")
+        assert proc.code_changed()
+        assert proc.start() is True  # restarted to load the new code
+        assert proc.pid() != first and not proc.code_changed()
+    finally:
+        proc.stop()
