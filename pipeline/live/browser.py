@@ -7,13 +7,18 @@ Signed in the way the Airflow UI is after its login form: Airflow's JWT in the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from pipeline.settings import Settings
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 CHROMIUM = "/usr/bin/chromium"
 VIEWPORT = {"width": 1600, "height": 900}
@@ -52,8 +57,9 @@ def airflow_token(settings: Settings) -> str:
     return str(answer.json()["access_token"])
 
 
-def watch(settings: Settings, seconds: float, screenshot: Path | None = None) -> PageWatch:
-    """Open the live page signed in, keep it open `seconds`, and read its counters."""
+@contextmanager
+def signed_in_page(settings: Settings) -> Iterator[Page]:
+    """A headless Chromium page carrying the admin's Airflow login."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -65,20 +71,25 @@ def watch(settings: Settings, seconds: float, screenshot: Path | None = None) ->
             context.add_cookies(
                 [{"name": "_token", "value": airflow_token(settings), "url": settings.airflow_url}]
             )
-            page = context.new_page()
-            answer = page.goto(f"{settings.airflow_url}/f1/live")
-            if answer is None or answer.status != 200:
-                raise RuntimeError(f"live page answered {answer and answer.status}")
-            page.wait_for_timeout(seconds * 1000)
-            stats: dict[str, Any] = page.evaluate("window.f1live")
-            first_row = page.locator("#cars tr").first
-            cells = first_row.locator("td").all_inner_texts() if first_row.count() else []
-            cars_shown = page.locator("#cars tr").count()
-            if screenshot is not None:
-                screenshot.parent.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(screenshot))
+            yield context.new_page()
         finally:
             browser.close()
+
+
+def watch(settings: Settings, seconds: float, screenshot: Path | None = None) -> PageWatch:
+    """Open the live page signed in, keep it open `seconds`, and read its counters."""
+    with signed_in_page(settings) as page:
+        answer = page.goto(f"{settings.airflow_url}/f1/live")
+        if answer is None or answer.status != 200:
+            raise RuntimeError(f"live page answered {answer and answer.status}")
+        page.wait_for_timeout(seconds * 1000)
+        stats: dict[str, Any] = page.evaluate("window.f1live")
+        first_row = page.locator("#cars tr").first
+        cells = first_row.locator("td").all_inner_texts() if first_row.count() else []
+        cars_shown = page.locator("#cars tr").count()
+        if screenshot is not None:
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot))
     span_ms = (stats["lastEventAt"] or 0) - (stats["firstEventAt"] or 0)
     return PageWatch(
         seconds=span_ms / 1000,
@@ -90,3 +101,13 @@ def watch(settings: Settings, seconds: float, screenshot: Path | None = None) ->
         first_row=cells,
         screenshot=screenshot,
     )
+
+
+def screenshot_in_airflow(settings: Settings, path: Path, wait_s: float = 6.0) -> Path:
+    """The live page as a user sees it: inside the Airflow UI, under its nav entry."""
+    with signed_in_page(settings) as page:
+        page.goto(f"{settings.airflow_url}/plugin/f1-live")
+        page.wait_for_timeout(wait_s * 1000)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(path))
+    return path
