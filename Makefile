@@ -17,6 +17,7 @@ up: install  ## start the whole stack and run the main job
 	@$(F1) export --skip-existing
 	@$(F1) topics
 	@$(F1) train --skip-if-trained
+	@$(F1) dashboards import
 	@$(F1) demo
 
 down:  ## stop the stack (harmless when nothing runs)

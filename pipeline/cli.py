@@ -100,6 +100,51 @@ def stack_status() -> None:
         raise typer.Exit(1)
 
 
+dashboards_app = typer.Typer(
+    no_args_is_help=True, help="Superset dashboards kept as code (superset/bundle)."
+)
+app.add_typer(dashboards_app, name="dashboards")
+
+
+@dashboards_app.command("import")
+def dashboards_import() -> None:
+    """Import superset/bundle into the running Superset (idempotent) and print the URLs."""
+    from pipeline.dashboards.bundle import BUNDLE_DIR, BundleError, SupersetError, import_bundle
+
+    try:
+        report = import_bundle(get_settings())
+    except (BundleError, SupersetError) as err:
+        _fail(str(err))
+    typer.echo(f"imported {BUNDLE_DIR} in {report.seconds:.1f} s")
+    for d in report.dashboards:
+        typer.echo(f"  {d.title:<16} {d.charts:>2} charts  {d.url}")
+    if report.deleted_charts:
+        typer.echo(f"  deleted (no longer in the bundle): {', '.join(report.deleted_charts)}")
+
+
+@dashboards_app.command("screenshots")
+def dashboards_screenshots(
+    out: Annotated[
+        Path | None, typer.Option(help="Folder of the PNGs (default .stack/screenshots).")
+    ] = None,
+) -> None:
+    """A PNG of each dashboard (headless Chromium); exit 1 if a chart shows an error."""
+    from pipeline.dashboards import screenshots
+    from pipeline.dashboards.bundle import SupersetError
+
+    settings = get_settings()
+    try:
+        shots = screenshots.take(settings, out or settings.stack_dir / "screenshots")
+    except SupersetError as err:
+        _fail(str(err))
+    for shot in shots:
+        typer.echo(f"  {shot.path}  {shot.charts} charts, {shot.seconds:.1f} s")
+        for chart, error in shot.errors.items():
+            typer.secho(f"    {chart}: {' '.join(error.split())[:200]}", fg=typer.colors.RED)
+    if any(shot.errors for shot in shots):
+        raise typer.Exit(1)
+
+
 @app.command(
     "airflow",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

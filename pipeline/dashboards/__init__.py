@@ -1,0 +1,1 @@
+"""Superset dashboards kept as code: the bundle importer and the screenshot taker."""
