@@ -128,15 +128,19 @@ def dashboards_screenshots(
         Path | None, typer.Option(help="Folder of the PNGs (default .stack/screenshots).")
     ] = None,
 ) -> None:
-    """A PNG of each dashboard (headless Chromium); exit 1 if a chart shows an error."""
+    """A PNG of each dashboard and of the live page in the Airflow UI (headless
+    Chromium); exit 1 if a chart shows an error."""
     from pipeline.dashboards import screenshots
     from pipeline.dashboards.bundle import SupersetError
+    from pipeline.live import browser
 
     settings = get_settings()
+    folder = out or settings.stack_dir / "screenshots"
     try:
-        shots = screenshots.take(settings, out or settings.stack_dir / "screenshots")
+        shots = screenshots.take(settings, folder)
     except SupersetError as err:
         _fail(str(err))
+    typer.echo(f"  {browser.screenshot_in_airflow(settings, folder / 'live-page.png')}")
     for shot in shots:
         typer.echo(f"  {shot.path}  {shot.charts} charts, {shot.seconds:.1f} s")
         for chart, error in shot.errors.items():
