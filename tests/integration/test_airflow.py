@@ -26,7 +26,7 @@ def test_dagbag_imports_cleanly_with_tags(airflow_env: dict[str, str]) -> None:
 def test_platform_check_dag_runs_against_the_real_stack(
     stack: Settings, airflow_api: httpx.Client
 ) -> None:
-    result = airflow_server.run_cli(stack, "dags", "test", "f1_platform_check", check=False)
+    result = airflow_server.dags_test(stack, "f1_platform_check")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     runs = airflow_api.get(
         "/dags/f1_platform_check/dagRuns", params={"order_by": "-start_date", "limit": 1}
@@ -57,7 +57,7 @@ def test_every_component_reports_healthy(stack: Settings, component: str) -> Non
 
 def test_export_dag_records_an_asset_event(stack: Settings, airflow_api: httpx.Client) -> None:
     conf = '{"year": 2024, "event": "Monaco", "session": "R", "formats": ["parquet"]}'
-    result = airflow_server.run_cli(stack, "dags", "test", "f1_export", "--conf", conf, check=False)
+    result = airflow_server.dags_test(stack, "f1_export", "--conf", conf)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = airflow_api.get(
         "/dags/f1_export/dagRuns", params={"order_by": "-start_date", "limit": 1}

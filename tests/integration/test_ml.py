@@ -168,8 +168,7 @@ def test_a_model_with_other_features_is_refused_and_the_last_good_one_kept(
 
 def test_training_dag_runs_under_airflow_dags_test(exports: Settings) -> None:
     conf = '{"sample_every": 40, "trees": 20}'
-    result = airflow_server.run_cli(exports, "dags", "test", "f1_train", "--conf", conf,
-                                    check=False)  # fmt: skip
+    result = airflow_server.dags_test(exports, "f1_train", "--conf", conf)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "state=success" in result.stdout + result.stderr
 

@@ -319,11 +319,10 @@ def test_stream_dags_run_under_airflow_dags_test(
     settings, env = isolated
     for key in ("TELEMETRY_TOPIC", "DEAD_LETTER_TOPIC", "CONSUMER_GROUP"):
         monkeypatch.setenv(key, env[key])
-    topics = airflow_server.run_cli(settings, "dags", "test", "f1_topics", check=False)
+    topics = airflow_server.dags_test(settings, "f1_topics")
     assert topics.returncode == 0, topics.stdout[-3000:] + topics.stderr[-3000:]
     conf = json.dumps({"duration_s": 30, "speed": 0, "consumers": 2, "idle_timeout_s": 10})
-    result = airflow_server.run_cli(settings, "dags", "test", "f1_stream", "--conf", conf,
-                                    check=False)  # fmt: skip
+    result = airflow_server.dags_test(settings, "f1_stream", "--conf", conf)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with telemetry_db.connect(settings) as conn:
         run, stored = conn.execute(
