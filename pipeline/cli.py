@@ -140,7 +140,9 @@ def dashboards_screenshots(
         shots = screenshots.take(settings, folder)
     except SupersetError as err:
         _fail(str(err))
-    typer.echo(f"  {browser.screenshot_in_airflow(settings, folder / 'live-page.png')}")
+    # 20 s on the page: long enough for anomaly alerts to appear beside the cars.
+    live_page = browser.screenshot_in_airflow(settings, folder / "live-page.png", wait_s=20)
+    typer.echo(f"  {live_page}")
     for shot in shots:
         typer.echo(f"  {shot.path}  {shot.charts} charts, {shot.seconds:.1f} s")
         for chart, error in shot.errors.items():
