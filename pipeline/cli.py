@@ -122,6 +122,36 @@ def dashboards_import() -> None:
         typer.echo(f"  deleted (no longer in the bundle): {', '.join(report.deleted_charts)}")
 
 
+@dashboards_app.command("check")
+def dashboards_check(
+    session: Annotated[
+        str | None, typer.Option(help="Session to ask for (default DEMO_SESSION).")
+    ] = None,
+) -> None:
+    """Ask every chart of the bundle for its data for one session (the chart data
+    API); exit 1 if one fails or answers no rows."""
+    from pipeline.dashboards.bundle import (
+        SupersetError,
+        api_client,
+        bundle_chart_uuids,
+        chart_data,
+    )
+
+    settings = get_settings()
+    session = session or settings.demo_session
+    empty = 0
+    try:
+        with api_client(settings) as client:
+            for chart_uuid in bundle_chart_uuids():
+                result = chart_data(client, settings, chart_uuid, session)
+                empty += result["rowcount"] == 0
+                typer.echo(f"  {result['rowcount']:>6} rows  {result['slice_name']}")
+    except SupersetError as err:
+        _fail(str(err))
+    if empty:
+        _fail(f"{empty} chart(s) have no rows for {session}: is a replay of it stored?")
+
+
 @dashboards_app.command("screenshots")
 def dashboards_screenshots(
     out: Annotated[

@@ -340,3 +340,24 @@ def import_bundle(
                 )
             )
     return ImportReport(imported, deleted, time.perf_counter() - started)
+
+
+def chart_data(client: httpx.Client, settings: Settings, chart_uuid: str, session: str) -> Config:
+    """What a chart's saved query answers for one session, through the chart data API
+    (the path of reports and cache warm-up): the first query's result."""
+    chart = call(client, settings, "GET", f"/api/v1/chart/{chart_uuid}")["result"]
+    context = json.loads(chart["query_context"])
+    for query in context["queries"]:
+        query["filters"] = [
+            *query.get("filters", []),
+            {"col": "session_key", "op": "==", "val": session},
+        ]
+    result: Config = call(client, settings, "POST", "/api/v1/chart/data", json=context)["result"][0]
+    return {"slice_name": chart["slice_name"], **result}
+
+
+def bundle_chart_uuids(folder: Path = BUNDLE_DIR) -> list[str]:
+    return [
+        str(yaml.safe_load(path.read_text())["uuid"])
+        for path in sorted(folder.glob("charts/*.yaml"))
+    ]

@@ -131,16 +131,7 @@ def test_every_chart_answers_rows_for_the_demo_session(
     stack: Settings, imported: bundle.ImportReport, api: httpx.Client, chart_file: str
 ) -> None:
     chart_uuid = _yaml(bundle.BUNDLE_DIR / "charts" / chart_file)["uuid"]
-    chart = api.get(f"/api/v1/chart/{chart_uuid}").json()["result"]
-    query_context = json.loads(chart["query_context"])
-    for query in query_context["queries"]:
-        query["filters"] = [
-            *query.get("filters", []),
-            {"col": "session_key", "op": "==", "val": stack.demo_session},
-        ]
-    answer = api.post("/api/v1/chart/data", json=query_context)
-    assert answer.status_code == 200, answer.text[:1000]
-    result = answer.json()["result"][0]
+    result = bundle.chart_data(api, stack, chart_uuid, stack.demo_session)
     assert result["rowcount"] >= 1
     # The column the Session filter targets exists in the chart's dataset.
     assert {"column": "session_key"} in result["applied_filters"]
