@@ -71,16 +71,34 @@ def f1_train() -> None:
             "n_estimators": int(params["trees"]),
         }
 
+    @task
+    def build_data(config: dict, run_id: str | None = None) -> str:  # type: ignore[type-arg]
+        """Features and labels of every race, built once and shared by the three models."""
+        from pipeline.ml.train import TrainConfig, save_datasets
+        from pipeline.settings import get_settings
+
+        folder = get_settings().stack_dir / "ml-datasets" / str(run_id)
+        return str(save_datasets(TrainConfig.from_dict(config), folder))
+
     @task(map_index_template="{{ task.op_kwargs['label'] }}")
-    def train(label: str, config: dict) -> dict:  # type: ignore[type-arg]
-        """Build the data, train, evaluate, log to MLflow, register and promote one model."""
+    def train(label: str, config: dict, data_folder: str) -> dict:  # type: ignore[type-arg]
+        """Train, evaluate, log to MLflow, register and promote one model."""
         from dataclasses import asdict
+        from pathlib import Path
 
         from pipeline.ml.train import TrainConfig, train_all
 
-        settings = {**config, "train_sessions": tuple(config["train_sessions"])}
-        [result] = train_all(TrainConfig(**settings), labels=(label,))
+        [result] = train_all(
+            TrainConfig.from_dict(config), labels=(label,), data_folder=Path(data_folder)
+        )
         return asdict(result)
+
+    @task(trigger_rule="all_done")
+    def clean_up(data_folder: str) -> None:
+        """The shared training data is only for this run."""
+        import shutil
+
+        shutil.rmtree(data_folder, ignore_errors=True)
 
     @task
     def summary(results: list) -> dict:  # type: ignore[type-arg]
@@ -98,8 +116,12 @@ def f1_train() -> None:
         }
 
     config = check_sessions()
-    results = train.partial(config=config).expand(label=["pit_stop", "tire_failure", "crash_risk"])
+    data_folder = build_data(config)
+    results = train.partial(config=config, data_folder=data_folder).expand(
+        label=["pit_stop", "tire_failure", "crash_risk"]
+    )
     summary(results)
+    results >> clean_up(data_folder)
 
 
 f1_train()

@@ -4,6 +4,7 @@ what the consumer sees), their features and their labels."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.ml.features import race_features
@@ -65,4 +66,42 @@ def concat(parts: list[Dataset]) -> Dataset:
         pd.concat([p.features for p in parts], ignore_index=True),
         pd.concat([p.labels for p in parts], ignore_index=True),
         pd.concat([p.groups for p in parts], ignore_index=True),
+    )
+
+
+LABEL_PREFIX = "label__"
+GROUP_COLUMN = "group__"
+
+
+def save(data: Dataset, path: Path) -> Path:
+    """One Parquet file: features, labels (prefixed) and the CV groups; the session
+    key travels in the file's metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = data.features.assign(
+        **{f"{LABEL_PREFIX}{c}": data.labels[c] for c in data.labels.columns},
+        **{GROUP_COLUMN: data.groups},
+    )
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), b"session_key": data.session_key.encode()}
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+    return path
+
+
+def load(path: Path) -> Dataset:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    frame = table.to_pandas()
+    labels = [c for c in frame.columns if c.startswith(LABEL_PREFIX)]
+    features = [c for c in frame.columns if c not in labels and c != GROUP_COLUMN]
+    return Dataset(
+        (table.schema.metadata or {})[b"session_key"].decode(),
+        frame[features],
+        frame[labels].rename(columns=lambda c: c.removeprefix(LABEL_PREFIX)),
+        frame[GROUP_COLUMN],
     )

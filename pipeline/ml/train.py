@@ -51,6 +51,11 @@ class TrainConfig:
     cv_folds: int = 4
     seed: int = 7
 
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        """From JSON (e.g. an Airflow XCom), where tuples arrive as lists."""
+        return cls(**{**values, "train_sessions": tuple(values["train_sessions"])})
+
 
 @dataclass
 class ModelResult:
@@ -129,14 +134,10 @@ def _out_of_fold(make: Any, x: pd.DataFrame, y: np.ndarray, groups: Any, folds: 
     return oof
 
 
-def train_all(
-    config: TrainConfig | None = None,
-    *,
-    labels: tuple[str, ...] = LABELS,
-    settings: Settings | None = None,
-) -> list[ModelResult]:
-    config = config or TrainConfig()
-    settings = settings or get_settings()
+def build_datasets(
+    config: TrainConfig, settings: Settings
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(training data, validation data) for every label at once."""
     train = datasets.concat(
         [datasets.build(k, horizon_s=config.horizon_s, sample_every=config.sample_every,
                         settings=settings) for k in config.train_sessions]
@@ -144,6 +145,33 @@ def train_all(
     validation = datasets.build(
         config.validation_session, horizon_s=config.horizon_s, sample_every=1, settings=settings
     )
+    return train, validation
+
+
+def save_datasets(config: TrainConfig, folder: Path, settings: Settings | None = None) -> Path:
+    """Build the data once and write it for several training processes (the DAG's
+    mapped tasks) to share, instead of each building it again."""
+    train, validation = build_datasets(config, settings or get_settings())
+    datasets.save(train, folder / "train.parquet")
+    datasets.save(validation, folder / "validation.parquet")
+    return folder
+
+
+def train_all(
+    config: TrainConfig | None = None,
+    *,
+    labels: tuple[str, ...] = LABELS,
+    settings: Settings | None = None,
+    data_folder: Path | None = None,
+) -> list[ModelResult]:
+    """Train `labels` on data built now, or read from `data_folder` (`save_datasets`)."""
+    config = config or TrainConfig()
+    settings = settings or get_settings()
+    if data_folder is None:
+        train, validation = build_datasets(config, settings)
+    else:
+        train = datasets.load(data_folder / "train.parquet")
+        validation = datasets.load(data_folder / "validation.parquet")
     return [train_one(label, train, validation, config, settings) for label in labels]
 
 

@@ -58,3 +58,14 @@ def test_rolling_features_cover_the_last_window(race: pd.DataFrame) -> None:
     assert features.loc[i, "speed_change"] == car["speed"].iloc[i] - car["speed"].iloc[i - 1]
     assert len(history["speed"]) == WINDOW
     assert "is_in_lap" not in features  # known only at the pit entry: it would leak
+
+
+def test_saved_training_data_reads_back_identical(race_export: Path, tmp_path: Path) -> None:
+    from pipeline.ml import dataset
+
+    built = dataset.build(race_export.name, sample_every=40)
+    loaded = dataset.load(dataset.save(built, tmp_path / "validation.parquet"))
+    assert loaded.session_key == built.session_key
+    pd.testing.assert_frame_equal(loaded.features, built.features)
+    pd.testing.assert_frame_equal(loaded.labels, built.labels)
+    pd.testing.assert_series_equal(loaded.groups, built.groups, check_names=False)
