@@ -9,6 +9,10 @@ model is registered and gets the alias `champion` only when it beats the
 current champion and the baseline on validation PR-AUC, else `challenger`.
 The consumers serve whatever `champion` points at.
 
+Tasks: `check_sessions` → `build_data` (features and labels of every race, built
+once, written as Parquet) → `train`, one mapped task per model, all reading that
+data → `summary`; `clean_up` removes the data when the models are done.
+
 Scheduled on the `f1_telemetry_exports` Asset: a new export retrains.
 """
 
