@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench.stream_bench import percentiles
 from pipeline.kafka.consumer import ConsumeReport, StreamConsumer
 from pipeline.kafka.producer import ProduceReport, produce_session
 from pipeline.kafka.topics import scratch_topics
@@ -89,19 +90,15 @@ def run(
 
 
 def figures(live: LiveRun) -> dict[str, Any]:
-    import numpy as np
-
     watched = live.watched
-    latencies = watched.latencies_ms or [0.0]
-    p50, p95, p99 = np.percentile(latencies, [50, 95, 99]).tolist()
     return {
         "replay_rate_hz": live.produced.achieved_rate_hz,
         "updates_received": watched.events,
         "updates_per_s": watched.events_per_s,
         "redraws_per_s": watched.renders_per_s,
-        "commit_to_browser_p50_ms": p50,
-        "commit_to_browser_p95_ms": p95,
-        "commit_to_browser_p99_ms": p99,
-        "commit_to_browser_max_ms": max(latencies),
+        **{
+            f"commit_to_browser_{name}": value
+            for name, value in percentiles(watched.latencies_ms).items()
+        },
         "cars_shown": watched.cars_shown,
     }

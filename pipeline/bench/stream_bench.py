@@ -22,7 +22,7 @@ from pipeline.settings import Settings
 from pipeline.stack import kafka_server
 
 
-def _percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(values: list[float]) -> dict[str, float]:
     import numpy as np
 
     p50, p95, p99 = np.percentile(values, [50, 95, 99]).tolist() if values else [0.0] * 3
@@ -96,5 +96,5 @@ def latency_1x(settings: Settings, export_folder: Path, seconds: float) -> dict[
         "intended_rate_hz": produced.intended_rate_hz,
         "achieved_rate_hz": produced.achieved_rate_hz,
         "batch_wait_s": settings.stream_batch_wait_s,
-        **_percentiles(report.latencies_ms),
+        **percentiles(report.latencies_ms),
     }

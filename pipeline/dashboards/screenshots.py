@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 import yaml
 
+from pipeline import headless
 from pipeline.dashboards.bundle import BUNDLE_DIR, SupersetError, superset_log_hint
 from pipeline.settings import Settings
 
-CHROMIUM = "/usr/bin/chromium"
 WIDTH = 1600
 LOAD_TIMEOUT_MS = 90_000
 
@@ -66,8 +66,6 @@ def take(
 ) -> list[DashboardShot]:
     """Open each dashboard signed in, wait until every chart finished (rendered or
     failed), save `dashboard-<slug>.png` (full page, 1600 px wide) in `out_dir`."""
-    from playwright.sync_api import sync_playwright
-
     try:
         httpx.get(f"{settings.superset_url}/health", timeout=10).raise_for_status()
     except httpx.HTTPError as err:
@@ -77,21 +75,14 @@ def take(
         ) from err
     out_dir.mkdir(parents=True, exist_ok=True)
     shots = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
-        try:
-            # Superset's CSP forbids eval, which Playwright's wait_for_function needs.
-            context = browser.new_context(
-                viewport={"width": WIDTH, "height": 1000}, bypass_csp=True
-            )
-            page = context.new_page()
-            _log_in(page, settings)
-            for slug, title in dashboards or bundle_dashboards():
-                shots.append(_shoot(page, settings, slug, title, screenshot_path(out_dir, slug)))
-        finally:
-            browser.close()
+    # Superset's CSP forbids eval, which Playwright's wait_for_function needs.
+    with headless.browser_context(
+        viewport={"width": WIDTH, "height": 1000}, bypass_csp=True
+    ) as context:
+        page = context.new_page()
+        _log_in(page, settings)
+        for slug, title in dashboards or bundle_dashboards():
+            shots.append(_shoot(page, settings, slug, title, screenshot_path(out_dir, slug)))
     return shots
 
 

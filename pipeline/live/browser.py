@@ -13,14 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
+from pipeline import headless
 from pipeline.settings import Settings
+from pipeline.stack import airflow_server
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-CHROMIUM = "/usr/bin/chromium"
 VIEWPORT = {"width": 1600, "height": 900}
 
 
@@ -44,36 +43,13 @@ class PageWatch:
         return self.renders_with_cars / self.seconds if self.seconds else 0.0
 
 
-def airflow_token(settings: Settings) -> str:
-    answer = httpx.post(
-        f"{settings.airflow_url}/auth/token",
-        json={
-            "username": settings.airflow_admin_user,
-            "password": settings.airflow_admin_password.get_secret_value(),
-        },
-        timeout=30,
-    )
-    answer.raise_for_status()
-    return str(answer.json()["access_token"])
-
-
 @contextmanager
 def signed_in_page(settings: Settings) -> Iterator[Page]:
     """A headless Chromium page carrying the admin's Airflow login."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"]
-        )
-        try:
-            context = browser.new_context(viewport=VIEWPORT)  # type: ignore[arg-type]
-            context.add_cookies(
-                [{"name": "_token", "value": airflow_token(settings), "url": settings.airflow_url}]
-            )
-            yield context.new_page()
-        finally:
-            browser.close()
+    with headless.browser_context(viewport=VIEWPORT) as context:
+        token = airflow_server.access_token(settings)
+        context.add_cookies([{"name": "_token", "value": token, "url": settings.airflow_url}])
+        yield context.new_page()
 
 
 def watch(settings: Settings, seconds: float, screenshot: Path | None = None) -> PageWatch:

@@ -180,8 +180,8 @@ def processes(settings: Settings) -> list[ManagedProcess]:
     return procs
 
 
-def api_client(settings: Settings, timeout_s: float = 30.0) -> httpx.Client:
-    """A client for Airflow's REST API (`/api/v2`), logged in as the admin."""
+def access_token(settings: Settings, timeout_s: float = 30.0) -> str:
+    """A JWT for the admin from `.env` (what the UI keeps in its `_token` cookie)."""
     answer = httpx.post(
         f"{settings.airflow_url}/auth/token",
         json={
@@ -191,8 +191,13 @@ def api_client(settings: Settings, timeout_s: float = 30.0) -> httpx.Client:
         timeout=timeout_s,
     )
     answer.raise_for_status()
+    return str(answer.json()["access_token"])
+
+
+def api_client(settings: Settings, timeout_s: float = 30.0) -> httpx.Client:
+    """A client for Airflow's REST API (`/api/v2`), logged in as the admin."""
     return httpx.Client(
         base_url=f"{settings.airflow_url}/api/v2",
-        headers={"Authorization": f"Bearer {answer.json()['access_token']}"},
+        headers={"Authorization": f"Bearer {access_token(settings, timeout_s)}"},
         timeout=timeout_s,
     )

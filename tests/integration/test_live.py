@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from pipeline.bench import live_bench
-from pipeline.live import browser
 from pipeline.settings import Settings
+from pipeline.stack import airflow_server
 
 ROUTES = ("/f1/live", "/f1/events", "/f1/stats")
 
@@ -37,7 +37,7 @@ def test_the_live_page_refuses_callers_without_valid_credentials(
     assert forged.status_code == 403
     signed = httpx.get(
         f"{stack.airflow_url}/f1/stats",
-        headers={"Authorization": f"Bearer {browser.airflow_token(stack)}"},
+        headers={"Authorization": f"Bearer {airflow_server.access_token(stack)}"},
     )
     assert signed.status_code == 200
 
