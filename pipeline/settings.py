@@ -95,9 +95,44 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         16_384, description="Bigger telemetry messages are dead-lettered as oversized."
     )
+    max_event_time_ahead_s: float = Field(
+        3_600.0,
+        gt=0,
+        description="A sample dated further ahead of its run's clock is dead-lettered "
+        "(it would move the watermark for good).",
+    )
+    max_seq_ahead: int = Field(
+        100_000,
+        ge=1,
+        description="A sample whose seq is further ahead of its car's is dead-lettered "
+        "(it would make the rest look like duplicates).",
+    )
+    car_idle_s: float = Field(
+        60.0,
+        gt=0,
+        description="A car silent this long (its run's event time, or wall time once caught "
+        "up) has its open windows closed and its state trimmed.",
+    )
+    idle_cars_kept: int = Field(
+        2_000,
+        ge=0,
+        description="Idle cars remembered per partition (their last seq and clock); older "
+        "ones are forgotten, their resends are still caught by the database keys.",
+    )
+    db_retry_s: float = Field(
+        240.0,
+        gt=0,
+        description="How long a consumer retries a lost PostgreSQL connection, with "
+        "backoff, before giving up (under Kafka's 300 s poll interval).",
+    )
 
     serve_models: bool = Field(
         True, description="Consumers score every sample with the models' MLflow champions."
+    )
+    model_name_prefix: str = Field(
+        "f1",
+        pattern=r"^[a-z0-9][a-z0-9-]*$",
+        description="Registered models are named `<prefix>-pit-stop` etc. (tests use their own).",
     )
     model_refresh_s: float = Field(
         10.0, gt=0, description="How often consumers check where `champion` points."
