@@ -11,11 +11,21 @@ run's last windows and tell when a run is complete.
 
 Headers: `schema` (SCHEMA_NAME), `source` (e.g. fastf1-replay), `produced_at_us`
 (wall clock at produce time, for produce-to-commit latency).
+
+Bounds (msgspec `Meta`, checked while decoding): what a working feed can send
+at all and the database can hold. They are deliberately wider than the physical
+limits the anomaly rules flag (`pipeline.processing.anomaly`): FastF1 really
+sends throttle 104 and gear 64/128 as error codes, and those samples are stored
+and flagged, not refused. A value outside these bounds (speed 5000, a negative
+seq, a date in 2150) can only come from a broken producer: it is dead-lettered
+as `out_of_bounds`. Bounds relative to the stream (event time far ahead of the
+run's clock, seq far ahead of the car's) need state and are checked by the
+consumer's processing (`pipeline.processing.batch`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -27,33 +37,44 @@ HEADER_SOURCE = "source"
 HEADER_PRODUCED_AT = "produced_at_us"
 
 
+_MIN_DATE_US = 631_152_000_000_000  # 1990-01-01: before any car data feed
+_MAX_DATE_US = 4_102_444_800_000_000  # 2100-01-01
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+DriverNumber = Annotated[int, msgspec.Meta(ge=0, le=999)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]  # a PostgreSQL integer
+DateUs = Annotated[int, msgspec.Meta(ge=_MIN_DATE_US, le=_MAX_DATE_US)]
+Code = Annotated[int, msgspec.Meta(ge=-1, le=255)]  # gear (-1 reverse), DRS: one byte
+Percent = Annotated[float, msgspec.Meta(ge=0, le=255)]  # FastF1's error code 104 included
+Count = Annotated[int, msgspec.Meta(ge=0, le=1_000)]
+
+
 class TelemetrySample(msgspec.Struct, frozen=True, tag="sample", tag_field="kind"):
     """One car sample. `run_id` names one replay or live session instance;
     `seq` numbers the car's samples within the run (0, 1, 2, ...)."""
 
-    v: int
-    run_id: str
-    session_key: str
-    driver_number: int
-    driver: str
-    seq: int
-    date_us: int
-    session_time_s: float
-    speed: float
-    rpm: float
-    gear: int
-    throttle: float
-    brake: float
+    v: Annotated[int, msgspec.Meta(ge=1, le=SCHEMA_VERSION)]
+    run_id: Id
+    session_key: Id
+    driver_number: DriverNumber
+    driver: Annotated[str, msgspec.Meta(max_length=64)]
+    seq: Seq
+    date_us: DateUs
+    session_time_s: Annotated[float, msgspec.Meta(ge=-86_400, le=7 * 86_400)]
+    speed: Annotated[float, msgspec.Meta(ge=0, le=1_000)]  # km/h
+    rpm: Annotated[float, msgspec.Meta(ge=0, le=30_000)]
+    gear: Code
+    throttle: Percent
+    brake: Percent
     drs_open: bool
-    drs: int | None = None  # the source's own DRS code (FastF1: 0-14), for reference
-    lap_number: int | None = None
-    stint: int | None = None
-    compound: str | None = None
-    tyre_life: float | None = None
-    position: int | None = None
+    drs: Code | None = None  # the source's own DRS code (FastF1: 0-14), for reference
+    lap_number: Count | None = None
+    stint: Count | None = None
+    compound: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    tyre_life: Annotated[float, msgspec.Meta(ge=0, le=1_000)] | None = None
+    position: Count | None = None
     is_in_lap: bool = False
     is_out_lap: bool = False
-    track_status: str | None = None
+    track_status: Annotated[str, msgspec.Meta(max_length=32)] | None = None
     resampled: bool = False
 
 
@@ -61,11 +82,11 @@ class EndOfStream(msgspec.Struct, frozen=True, tag="end", tag_field="kind"):
     """Sent to every partition after a run's last sample; `samples` is how many
     samples of the run the producer delivered to that partition."""
 
-    v: int
-    run_id: str
-    session_key: str
-    partition: int
-    samples: int
+    v: Annotated[int, msgspec.Meta(ge=1, le=SCHEMA_VERSION)]
+    run_id: Id
+    session_key: Id
+    partition: Annotated[int, msgspec.Meta(ge=0)]
+    samples: Annotated[int, msgspec.Meta(ge=0)]
 
 
 Message = TelemetrySample | EndOfStream
@@ -83,9 +104,39 @@ def encode(message: Message) -> bytes:
 
 def decode(raw: bytes) -> Message:
     """Decode and type-check one message; raises msgspec.DecodeError (bad JSON)
-    or msgspec.ValidationError (wrong type, missing field) with the JSON path."""
+    or msgspec.ValidationError (wrong type, missing field, out of bounds) with
+    the JSON path."""
     decoded: Message = _decoder.decode(raw)
     return decoded
+
+
+def is_out_of_bounds(error: msgspec.ValidationError) -> bool:
+    """A value of the right type outside the schema's bounds (vs a wrong type or
+    a missing field): msgspec says `Expected `int` <= 255` or `length <= 64`."""
+    return any(sign in str(error) for sign in (">=", "<=", "length"))
+
+
+class BadHeader(ValueError):
+    """A header that is present but unusable (the message is dead-lettered)."""
+
+
+def produced_at(message_headers: Any) -> int | None:
+    """The `produced_at_us` header as an int (None when absent); a value that is
+    not a plausible microsecond timestamp raises BadHeader, as does a `schema`
+    header naming another schema."""
+    name = header_value(message_headers, HEADER_SCHEMA)
+    if name is not None and name != SCHEMA_NAME.encode():
+        shown = name[:40].decode(errors="replace")
+        raise BadHeader(f"header {HEADER_SCHEMA}={shown!r}: this consumer reads {SCHEMA_NAME}")
+    raw = header_value(message_headers, HEADER_PRODUCED_AT)
+    if raw is None:
+        return None
+    if not (raw.isdigit() and len(raw) <= 19 and _MIN_DATE_US <= int(raw) <= _MAX_DATE_US):
+        shown = raw[:40].decode(errors="replace")
+        raise BadHeader(
+            f"header {HEADER_PRODUCED_AT}={shown!r} is not a wall-clock time in microseconds"
+        )
+    return int(raw)
 
 
 def message_key(session_key: str, driver_number: int) -> bytes:

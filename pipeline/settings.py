@@ -114,7 +114,7 @@ class Settings(BaseSettings):
         "up) has its open windows closed and its state trimmed.",
     )
     idle_cars_kept: int = Field(
-        2_000,
+        100,
         ge=0,
         description="Idle cars remembered per partition (their last seq and clock); older "
         "ones are forgotten, their resends are still caught by the database keys.",

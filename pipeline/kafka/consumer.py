@@ -6,6 +6,11 @@ let the scorers (the ML models) score the batch, then write rows, offsets and
 per-car state to PostgreSQL in one transaction. On assignment a partition's
 offset and state are read back from PostgreSQL, so a crash or a rebalance
 neither loses nor doubles a row.
+
+No message stops it: every one is stored or dead-lettered with its class
+(`malformed`, `invalid`, `out_of_bounds`, `bad_header`, `oversized`) and reason.
+A lost PostgreSQL connection is retried with backoff (`db_retry_s`) while the
+consumer stays in its group; errors the broker or client report are counted.
 """
 
 from __future__ import annotations
@@ -58,6 +63,11 @@ class ConsumeReport:
     anomalies: int = 0
     windows: int = 0
     run_ends: int = 0
+    broker_errors: int = 0
+    clashes: int = 0  # rows (not samples) skipped because their key was stored already
+    state_resets: int = 0
+    db_retries: int = 0
+    idle_cars: int = 0
     seconds: float = 0.0
     stop_reason: str = ""
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
@@ -77,6 +87,9 @@ class _Decoded:
     )  # partition, offset, produced
     ends: list[tuple[int, schema.EndOfStream]] = field(default_factory=list)
     dead: list[tuple[Message, str, str]] = field(default_factory=list)  # message, class, reason
+    broker_errors: int = 0
+    new_runs: dict[str, tuple[str, str]] = field(default_factory=dict)  # run -> session, source
+    by_position: dict[tuple[int, int], Message] = field(default_factory=dict)
 
 
 class StreamConsumer:
@@ -102,10 +115,19 @@ class StreamConsumer:
         self.topic = self.settings.telemetry_topic
         self.group = self.settings.consumer_group
         self.window = batch_logic.WindowConfig(
-            window_s=self.settings.window_s, allowed_lateness_s=self.settings.allowed_lateness_s
+            window_s=self.settings.window_s,
+            allowed_lateness_s=self.settings.allowed_lateness_s,
+            max_event_time_ahead_s=self.settings.max_event_time_ahead_s,
+            max_seq_ahead=self.settings.max_seq_ahead,
+            car_idle_s=self.settings.car_idle_s,
+            idle_cars_kept=self.settings.idle_cars_kept,
         )
         self.states: dict[int, batch_logic.PartitionState] = {}
         self.epochs: dict[int, int] = {}
+        self.offsets: dict[int, int | None] = {}  # next offset as last committed
+        self._runs_seen: set[str] = set()
+        self._client_errors = 0  # reported by librdkafka's error callback, not yet stored
+        self._pending_resets = 0
         self.report = ConsumeReport(member)
         self._conn: psycopg.Connection | None = None
         self._consumer: Consumer | None = None
@@ -115,22 +137,40 @@ class StreamConsumer:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         from confluent_kafka import OFFSET_BEGINNING
 
-        assert self._conn is not None
-        claims = telemetry_db.claim_partitions(
-            self._conn, self.group, self.topic, [p.partition for p in partitions]
+        claims = self._with_database(
+            "claiming partitions",
+            lambda conn: telemetry_db.claim_partitions(
+                conn, self.group, self.topic, [p.partition for p in partitions]
+            ),
         )
-        for tp, claim in zip(partitions, claims, strict=True):
+        for tp in partitions:
+            claim = claims[tp.partition]
             tp.offset = claim.next_offset if claim.next_offset is not None else OFFSET_BEGINNING
-            self.states[tp.partition] = batch_logic.PartitionState.decode(claim.state)
+            self.states[tp.partition] = self._decode_state(tp.partition, claim.state)
             self.epochs[tp.partition] = claim.epoch
+            self.offsets[tp.partition] = claim.next_offset
         log.info("%s assigned %s", self.member, {p.partition: p.offset for p in partitions})
         consumer.assign(partitions)
+
+    def _decode_state(self, partition: int, raw: bytes | None) -> batch_logic.PartitionState:
+        """The stored state, or a fresh one when no version of ours could have
+        written it: its cars start anew, and the database keys still refuse
+        whatever it would have recognised as a resend."""
+        try:
+            return batch_logic.PartitionState.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            log.error("%s: state of partition %d unreadable (%s); starting it anew",
+                      self.member, partition, err)  # fmt: skip
+            self.report.state_resets += 1
+            self._pending_resets += 1
+            return batch_logic.PartitionState()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Every finished batch is already committed: just forget the state.
         for tp in partitions:
             self.states.pop(tp.partition, None)
             self.epochs.pop(tp.partition, None)
+            self.offsets.pop(tp.partition, None)
         log.info("%s revoked %s", self.member, [p.partition for p in partitions])
         consumer.unassign()
 
@@ -140,6 +180,43 @@ class StreamConsumer:
             [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
         )  # fmt: skip
+
+    def _on_error(self, error: Any) -> None:
+        """librdkafka's error callback: the broker down, a request failing. The
+        client retries by itself; we count what it reports."""
+        self._client_errors += 1
+        log.warning("%s: Kafka client reported %s", self.member, error)
+
+    # --- the database, through outages ---------------------------------------------------
+    def _with_database(self, what: str, work: Any) -> Any:
+        """Run `work(conn)`; on a lost connection, reconnect with backoff and run
+        it again, for up to `db_retry_s` (the consumer stays in its group: the
+        client's heartbeats go on, and nothing is polled meanwhile). A failed
+        transaction was rolled back, so running it again is safe."""
+        import psycopg
+
+        deadline = time.monotonic() + self.settings.db_retry_s
+        delay = 0.5
+        while True:
+            try:
+                if self._conn is None or self._conn.closed:
+                    self._conn = telemetry_db.connect(self.settings, autocommit=True)
+                return work(self._conn)
+            except psycopg.OperationalError as err:
+                if time.monotonic() + delay > deadline or self.stop.is_set():
+                    raise DatabaseUnavailable(
+                        f"PostgreSQL unreachable for {self.settings.db_retry_s:g} s while "
+                        f"{what} ({err}); nothing of the batch was committed, a restarted "
+                        "consumer resumes from the last commit. Check `make status`."
+                    ) from err
+                log.warning("%s: PostgreSQL unavailable while %s (%s); retrying in %.1f s",
+                            self.member, what, str(err).strip(), delay)  # fmt: skip
+                self.report.db_retries += 1
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn = None
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     # --- the loop ---------------------------------------------------------------------
     def run(
@@ -157,14 +234,16 @@ class StreamConsumer:
         check_reachable(self.settings)
         telemetry_db.ensure_schema(self.settings)
         self._conn = telemetry_db.connect(self.settings, autocommit=True)
-        self._consumer = Consumer(consumer_config(self.settings, self.member))
+        self._consumer = Consumer(
+            consumer_config(self.settings, self.member, error_cb=self._on_error)
+        )
         self._dead_letter_producer = Producer(producer_config(self.settings, **{"linger.ms": 0}))
         partitions_total = len(
             self._consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
         )
         self._subscribe()
         started = last_message = time.monotonic()
-        last_check = 0.0
+        last_check = last_idle_check = 0.0
         try:
             while not self.stop.is_set():
                 now = time.monotonic()
@@ -173,7 +252,10 @@ class StreamConsumer:
                     break
                 if until_run and now - last_check > 1.0:
                     last_check = now
-                    ended, _, _ = telemetry_db.run_completion(self._conn, until_run)
+                    ended, _, _ = self._with_database(
+                        "checking the run",
+                        lambda conn: telemetry_db.run_completion(conn, until_run),
+                    )
                     if ended >= partitions_total:
                         self.report.stop_reason = f"run {until_run} complete"
                         break
@@ -181,6 +263,9 @@ class StreamConsumer:
                     self.settings.stream_batch_size, timeout=self.settings.stream_batch_wait_s
                 )
                 if not messages:
+                    if now - last_idle_check > 1.0:  # cars of a run that stopped sending
+                        last_idle_check = now
+                        self._close_idle_cars()
                     if idle_timeout_s is not None and now - last_message >= idle_timeout_s:
                         self.report.stop_reason = f"idle {idle_timeout_s:g} s"
                         break
@@ -193,51 +278,123 @@ class StreamConsumer:
             self.report.seconds = time.monotonic() - started
             self._consumer.close()  # leaves the group: partitions move on at once
             self._dead_letter_producer.flush(10)
-            self._conn.close()
+            if self._conn is not None:
+                self._conn.close()
         return self.report
+
+    def _close_idle_cars(self) -> None:
+        """With nothing to read: close the windows of cars that went silent, and
+        commit that (rows and state only; the offsets stay as they are)."""
+        if not self.states:
+            return
+        lags = self._lags()
+        caught_up = {p for p, lag in lags.items() if lag == 0}
+        windows, changed = batch_logic.close_idle(
+            self.states, self.window, now_us=time.time_ns() // 1000, caught_up=caught_up
+        )
+        changed = {p for p in changed if self.offsets.get(p) is not None}
+        if not changed:
+            return
+        import pandas as pd
+
+        commits = [
+            telemetry_db.PartitionCommit(p, offset, self.epochs[p], self.states[p].encode())
+            for p in sorted(changed)
+            if (offset := self.offsets[p]) is not None
+        ]
+        try:
+            self._with_database(
+                "closing idle cars",
+                lambda conn: telemetry_db.commit_batch(
+                    conn, group_id=self.group, topic=self.topic, samples=pd.DataFrame(),
+                    events=pd.DataFrame(), windows=windows, dead_letters=[], run_ends=[],
+                    partitions=commits,
+                ),
+            )  # fmt: skip
+        except telemetry_db.Fenced as err:
+            self._rejoin(err)
+            return
+        self.report.windows += len(windows)
+        self.report.idle_cars += sum(
+            1 for s in self.states.values() for c in s.cars.values() if c.idle
+        )
+
+    def _rejoin(self, err: Exception) -> None:
+        # Presumed dead and replaced: drop everything and rejoin from the stored offsets.
+        assert self._consumer is not None
+        log.warning("%s: %s; rejoining the group", self.member, err)
+        self._consumer.unsubscribe()
+        self.states.clear()
+        self.epochs.clear()
+        self.offsets.clear()
+        self._subscribe()
 
     def _handle(self, messages: list[Message]) -> None:
         import numpy as np
 
-        assert self._conn is not None and self._consumer is not None
+        assert self._consumer is not None
         started = time.perf_counter()
         if self._first_message is None:
             self._first_message = started
         decoded, next_offsets = self._decode(messages)
         frame = _frame(decoded)
+        now_us = time.time_ns() // 1000
         result = batch_logic.process(
-            frame, self.states, self.window, with_features=bool(self.scorers)
+            frame, self.states, self.window, with_features=bool(self.scorers), now_us=now_us
         )
+        decoded.dead += [
+            (decoded.by_position[(p, offset)], batch_logic.OUT_OF_BOUNDS, reason)
+            for p, offset, reason in result.rejected
+        ]
         for partition, end in decoded.ends:
             result.windows += batch_logic.end_run(self.states[partition], end.run_id, self.window)
+        lags = self._lags()
+        idle_windows, _ = batch_logic.close_idle(
+            self.states, self.window, now_us=now_us,
+            caught_up={p for p, lag in lags.items() if lag == 0},
+        )  # fmt: skip
+        result.windows += idle_windows
         scored = {}
         if len(result.samples) and result.features is not None:
             scored = {s.table: s.score(result.samples, result.features) for s in self.scorers or ()}
         dead_rows = self._dead_letter(decoded.dead)
         commits = [
             telemetry_db.PartitionCommit(p, offset, self.epochs[p], self.states[p].encode())
-            for p, offset in next_offsets.items()
+            for p, offset in sorted(next_offsets.items())
         ]
+        new_runs = [(run, *where) for run, where in decoded.new_runs.items()]
         try:
-            telemetry_db.commit_batch(
-                self._conn,
-                group_id=self.group,
-                topic=self.topic,
-                samples=result.samples,
-                events=result.anomalies,
-                windows=result.windows,
-                dead_letters=dead_rows,
-                run_ends=[(e.run_id, p, e.samples) for p, e in decoded.ends],
-                partitions=commits,
-                extra_tables=scored,
+            skipped = self._with_database(
+                "committing a batch",
+                lambda conn: telemetry_db.commit_batch(
+                    conn,
+                    group_id=self.group,
+                    topic=self.topic,
+                    samples=result.samples,
+                    events=result.anomalies,
+                    windows=result.windows,
+                    dead_letters=dead_rows,
+                    run_ends=[(e.run_id, p, e.samples) for p, e in decoded.ends],
+                    partitions=commits,
+                    extra_tables=scored,
+                    new_runs=new_runs,
+                ),
             )
         except telemetry_db.Fenced as err:
-            # Presumed dead and replaced: drop everything and rejoin from the stored offsets.
-            log.warning("%s: %s; rejoining the group", self.member, err)
-            self._consumer.unsubscribe()
-            self.states.clear()
-            self._subscribe()
+            self._rejoin(err)
             return
+        self.offsets.update(next_offsets)
+        self._runs_seen.update(decoded.new_runs)
+        # Samples whose key was stored already are duplicates like any resend.
+        clashed_samples = skipped.pop("telemetry_samples", 0)
+        result.duplicates += clashed_samples
+        clashes = clashed_samples + sum(skipped.values())
+        if clashes:
+            log.warning("%s: %d rows already stored were skipped (%s samples)",
+                        self.member, clashes, clashed_samples)  # fmt: skip
+        broker_errors = decoded.broker_errors + self._client_errors
+        self._client_errors = 0
+        state_resets, self._pending_resets = self._pending_resets, 0
         committed_us = time.time_ns() // 1000
         produced = np.array([m[2] for m in decoded.meta if m[2] is not None], dtype=np.int64)
         latency_ms = (committed_us - produced) / 1000.0
@@ -259,6 +416,8 @@ class StreamConsumer:
         r.anomalies += anomalies
         r.windows += len(result.windows)
         r.run_ends += len(decoded.ends)
+        r.broker_errors += broker_errors
+        r.clashes += clashes
         update = live_feed.batch_update(
             consumer=self.member,
             samples=result.samples,
@@ -267,31 +426,37 @@ class StreamConsumer:
             latency_ms=(p50, p99),
             committed_us=committed_us,
         )
-        telemetry_db.record_metrics(
-            self._conn,
-            {
-                "group_id": self.group,
-                "consumer": self.member,
-                # The batch's main session, so dashboards can filter health by session.
-                "session_key": (
-                    result.samples["session_key"].mode().iat[0] if len(result.samples) else None
-                ),
-                "partitions": sorted(self.states),
-                "messages": len(messages),
-                "samples": len(result.samples),
-                "duplicates": result.duplicates,
-                "late": result.late,
-                "anomalies": anomalies,
-                "windows": len(result.windows),
-                "dead_letters": len(decoded.dead),
-                "lag": self._lag(),
-                "latency_p50_ms": p50,
-                "latency_p95_ms": p95,
-                "latency_p99_ms": p99,
-                "batch_seconds": elapsed,
-                "messages_per_s": len(messages) / elapsed if elapsed else 0.0,
-            },
-            notify=(self.settings.live_channel, update) if update else None,
+        known_lags = list(lags.values())
+        metrics = {
+            "group_id": self.group,
+            "consumer": self.member,
+            # The batch's main session, so dashboards can filter health by session.
+            "session_key": (
+                result.samples["session_key"].mode().iat[0] if len(result.samples) else None
+            ),
+            "partitions": sorted(self.states),
+            "messages": len(messages),
+            "samples": len(result.samples),
+            "duplicates": result.duplicates,
+            "late": result.late,
+            "anomalies": anomalies,
+            "windows": len(result.windows),
+            "dead_letters": len(decoded.dead),
+            "lag": None if None in known_lags else sum(int(lag or 0) for lag in known_lags),
+            "latency_p50_ms": p50,
+            "latency_p95_ms": p95,
+            "latency_p99_ms": p99,
+            "batch_seconds": elapsed,
+            "messages_per_s": len(messages) / elapsed if elapsed else 0.0,
+            "broker_errors": broker_errors,
+            "clashes": clashes,
+            "state_resets": state_resets,
+        }
+        self._with_database(
+            "recording metrics",
+            lambda conn: telemetry_db.record_metrics(
+                conn, metrics, notify=(self.settings.live_channel, update) if update else None
+            ),
         )
 
     def _decode(self, messages: list[Message]) -> tuple[_Decoded, dict[int, int]]:
@@ -299,12 +464,12 @@ class StreamConsumer:
         next_offsets: dict[int, int] = {}
         limit = self.settings.max_message_bytes
         for message in messages:
-            if message.error() is not None:
+            if message.error() is not None:  # counted; the client retries by itself
+                decoded.broker_errors += 1
                 log.warning("%s: broker reported %s", self.member, message.error())
                 continue
             partition, offset = message.partition(), message.offset()
-            assert partition is not None and offset is not None
-            if partition not in self.states:
+            if partition is None or offset is None or partition not in self.states:
                 continue  # revoked during this poll: its new owner reads it again
             next_offsets[partition] = offset + 1
             raw = message.value() or b""
@@ -314,9 +479,14 @@ class StreamConsumer:
                 )
                 continue
             try:
+                produced = schema.produced_at(message.headers())
                 value = schema.decode(raw)
+            except schema.BadHeader as err:
+                decoded.dead.append((message, "bad_header", str(err)))
+                continue
             except msgspec.ValidationError as err:
-                decoded.dead.append((message, "invalid", str(err)))
+                error_class = "out_of_bounds" if schema.is_out_of_bounds(err) else "invalid"
+                decoded.dead.append((message, error_class, str(err)))
                 continue
             except msgspec.DecodeError as err:
                 decoded.dead.append((message, "malformed", str(err)))
@@ -324,9 +494,15 @@ class StreamConsumer:
             if isinstance(value, schema.EndOfStream):
                 decoded.ends.append((partition, value))
                 continue
-            produced = schema.header_value(message.headers(), schema.HEADER_PRODUCED_AT)
+            if value.run_id not in self._runs_seen and value.run_id not in decoded.new_runs:
+                source = schema.header_value(message.headers(), schema.HEADER_SOURCE)
+                decoded.new_runs[value.run_id] = (
+                    value.session_key,
+                    source.decode(errors="replace")[:100] if source else "unknown",
+                )
             decoded.samples.append(value)
-            decoded.meta.append((partition, offset, int(produced) if produced else None))
+            decoded.meta.append((partition, offset, produced))
+            decoded.by_position[(partition, offset)] = message
         return decoded, next_offsets
 
     def _dead_letter(self, dead: list[tuple[Message, str, str]]) -> list[tuple[Any, ...]]:
@@ -360,22 +536,26 @@ class StreamConsumer:
             raise RuntimeError(f"{remaining} dead letters not delivered; not committing")
         return rows
 
-    def _lag(self) -> int | None:
+    def _lags(self) -> dict[int, int | None]:
+        """Messages left to read per assigned partition (None: not known yet),
+        from the client's cached high watermarks: no request to the broker."""
         assert self._consumer is not None
         from confluent_kafka import TopicPartition
 
-        total = 0
+        lags: dict[int, int | None] = {}
         for partition in self.states:
             tp = TopicPartition(self.topic, partition)
             _, high = self._consumer.get_watermark_offsets(tp, cached=True)
             position = self._consumer.position([tp])[0].offset
-            if high < 0 or position < 0:
-                return None
-            total += high - position
-        return total
+            lags[partition] = high - position if high >= 0 and position >= 0 else None
+        return lags
 
 
 class RunIncomplete(RuntimeError):
+    pass
+
+
+class DatabaseUnavailable(RuntimeError):
     pass
 
 

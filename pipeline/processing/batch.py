@@ -10,6 +10,7 @@ offset, so a restart resumes exactly where the last commit left off.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +24,16 @@ if TYPE_CHECKING:
     import pandas as pd
 
 # Cars of finished runs are remembered (just their last seq, to refuse replays of
-# old samples) for this many runs per partition.
+# old samples) for this many runs per partition. Forgetting is safe: a resend of
+# a forgotten car's samples is caught by the database's keys (`telemetry_db`).
 ENDED_RUNS_KEPT = 50
+
+# Layout of the stored state. Fields are only ever added, with defaults, so a
+# state written by an older version decodes; bump this when a field is added.
+# 1: the first release (no `v`); 2: idle cars (`seen_wall_us`, `idle`).
+STATE_VERSION = 2
+
+OUT_OF_BOUNDS = "out_of_bounds"
 
 
 class CarState(msgspec.Struct):
@@ -41,17 +50,22 @@ class CarState(msgspec.Struct):
     rates: dict[str, list[float]] = {}  # latest rates per channel, for the baseline
     open_windows: list[WindowPartial] = []
     feature_history: dict[str, list[float]] = {}  # the models' rolling inputs (ml.features)
+    seen_wall_us: int = 0  # wall clock of the batch that last had a sample of the car
+    idle: bool = False  # silent past the idle time: windows closed, history dropped
 
 
 class PartitionState(msgspec.Struct):
+    v: int = 1  # STATE_VERSION of the code that wrote it (absent: version 1)
     cars: dict[str, CarState] = {}
     ended: dict[str, dict[str, int]] = {}  # run_id -> car -> last seq
 
     def encode(self) -> bytes:
+        self.v = STATE_VERSION
         return msgspec.msgpack.encode(self)
 
     @staticmethod
     def decode(raw: bytes | None) -> PartitionState:
+        """Raises msgspec.DecodeError/ValidationError on a state no version wrote."""
         return msgspec.msgpack.decode(raw, type=PartitionState) if raw else PartitionState()
 
 
@@ -60,6 +74,11 @@ class WindowConfig:
     window_s: float = 3.0
     allowed_lateness_s: float = 2.0
     gap_s: float = 1.0
+    # Bounds relative to the stream (see `_out_of_bounds`) and idle cars (`close_idle`).
+    max_event_time_ahead_s: float = 3_600.0
+    max_seq_ahead: int = 100_000
+    car_idle_s: float = 60.0
+    idle_cars_kept: int = 100
 
     @property
     def window_us(self) -> int:
@@ -74,6 +93,8 @@ class BatchResult:
     duplicates: int = 0
     late: int = 0
     features: pd.DataFrame | None = None  # model features, row for row with `samples`
+    # Samples refused by a bound relative to the stream: (partition, offset, reason).
+    rejected: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 def process(
@@ -82,18 +103,33 @@ def process(
     config: WindowConfig,
     *,
     with_features: bool = False,
+    now_us: int | None = None,
 ) -> BatchResult:
     """`frame`: decoded samples with `partition`, in arrival order per partition.
     `states`: partition -> state, updated in place. `with_features`: also compute
-    the models' features (when models are served)."""
+    the models' features (when models are served). `now_us`: the wall clock,
+    when the cars were seen (for `close_idle`)."""
     import numpy as np
     import pandas as pd
+
+    now_us = time.time_ns() // 1000 if now_us is None else now_us
 
     if frame.empty:
         return BatchResult(samples=frame.assign(is_late=[], anomalies=[]), anomalies=pd.DataFrame())
     frame = frame.assign(car=frame["run_id"] + ":" + frame["driver_number"].astype(str))
-    codes, _ = pd.factorize(frame["car"])
+    # Grouped by partition and car: a car found in two partitions (moved by a
+    # partition increase) keeps two states, and the database keys settle overlaps.
+    codes, _ = pd.factorize(frame["car"] + "@" + frame["partition"].astype(str))
     frame = frame.iloc[np.argsort(codes, kind="stable")].reset_index(drop=True)
+    refused = _out_of_bounds(frame, states, config)
+    partitions, offsets = frame["partition"].to_numpy(), frame["offset"].to_numpy()
+    rejected = [(int(partitions[row]), int(offsets[row]), why) for row, why in refused.items()]
+    if refused:
+        frame = frame.drop(index=list(refused)).reset_index(drop=True)
+        if frame.empty:
+            empty = process(frame, states, config, with_features=with_features, now_us=now_us)
+            empty.rejected = rejected
+            return empty
     flags = anomaly.rule_flags(frame)
     n = len(frame)
     keep = np.ones(n, dtype=bool)
@@ -103,8 +139,7 @@ def process(
     outliers = {channel: np.zeros(n, dtype=bool) for channel in anomaly.RATE_FLOOR}
 
     car_values = frame["car"].to_numpy()
-    bounds = np.flatnonzero(car_values[1:] != car_values[:-1]) + 1
-    edges = [0, *bounds.tolist(), n]
+    edges = _car_edges(frame)
     date_us = frame["date_us"].to_numpy()
     seq = frame["seq"].to_numpy()
     partition = frame["partition"].to_numpy()
@@ -112,6 +147,9 @@ def process(
     for lo, hi in itertools.pairwise(edges):
         key = str(car_values[lo])
         state = _car_state(states[int(partition[lo])], key, frame.iloc[lo])
+        state.seen_wall_us = now_us
+        if state.idle:  # back after a silence: its windows closed, its history starts anew
+            state.idle = False
         # Duplicates: a seq at or below one already seen for this car (a resend).
         seen = np.maximum.accumulate(np.concatenate(([state.last_seq], seq[lo:hi])))[:-1]
         fresh = seq[lo:hi] > seen
@@ -158,7 +196,122 @@ def process(
         duplicates=int((~keep).sum()),
         late=int(late[keep].sum()),
         features=features,
+        rejected=rejected,
     )
+
+
+def _car_edges(frame: pd.DataFrame) -> list[int]:
+    """Row bounds of each (partition, car) group of a grouped frame."""
+    import numpy as np
+
+    car = frame["car"].to_numpy()
+    partition = frame["partition"].to_numpy()
+    change = (car[1:] != car[:-1]) | (partition[1:] != partition[:-1])
+    return [0, *(np.flatnonzero(change) + 1).tolist(), len(frame)]
+
+
+def _run_clocks(state: PartitionState) -> dict[str, tuple[int | None, int]]:
+    """run_id -> (latest event time, highest seq) over the run's cars in a partition."""
+    clocks: dict[str, tuple[int | None, int]] = {}
+    for car in state.cars.values():
+        date, seq = clocks.get(car.run_id, (None, -1))
+        if car.max_date_us is not None:
+            date = car.max_date_us if date is None else max(date, car.max_date_us)
+        clocks[car.run_id] = (date, max(seq, car.last_seq))
+    return clocks
+
+
+def _out_of_bounds(
+    frame: pd.DataFrame, states: dict[int, PartitionState], config: WindowConfig
+) -> dict[int, str]:
+    """Samples too far ahead of the stream to be true, with the reason (index:
+    row of `frame` -> reason). Such a sample would move its car's watermark, or its seq,
+    for good: every later sample would look late, or like a duplicate.
+
+    The reference is the stream as this partition knows it: the car's own seq
+    (for a new car, the highest of its run's other cars), and its run's latest
+    event time. With no history at all (a run's first batch), the batch's own
+    median of the run stands in, so one wild sample among true ones is caught."""
+    import numpy as np
+
+    ahead_us = config.max_event_time_ahead_s * 1e6
+    date_us = frame["date_us"].to_numpy()
+    seq = frame["seq"].to_numpy()
+    partition = frame["partition"].to_numpy()
+    run = frame["run_id"].to_numpy()
+    car_values = frame["car"].to_numpy()
+    reasons: dict[int, str] = {}
+    clocks = {p: _run_clocks(states[p]) for p in {int(x) for x in np.unique(partition)}}
+    medians: dict[tuple[int, str], tuple[float, float]] = {}
+    for lo, hi in itertools.pairwise(_car_edges(frame)):
+        p, run_id = int(partition[lo]), str(run[lo])
+        car = states[p].cars.get(str(car_values[lo]))
+        known_date, known_seq = clocks[p].get(run_id, (None, -1))
+        if (known_date is None or known_seq < 0) and (p, run_id) not in medians:
+            rows = (partition == p) & (run == run_id)
+            medians[(p, run_id)] = (
+                float(np.median(date_us[rows])),
+                float(np.median(seq[rows])),
+            )
+        run_date = known_date if known_date is not None else medians[(p, run_id)][0]
+        run_seq = known_seq if known_seq >= 0 else medians[(p, run_id)][1]
+        seq_ref = car.last_seq if car is not None and car.last_seq >= 0 else run_seq
+        too_late = date_us[lo:hi] > run_date + ahead_us
+        too_far = seq[lo:hi] > seq_ref + config.max_seq_ahead
+        for i in np.flatnonzero(too_late | too_far).tolist():
+            if too_late[i]:
+                reasons[lo + i] = (
+                    f"event time {(date_us[lo + i] - run_date) / 1e6:.0f} s ahead of run "
+                    f"{run_id}'s clock (the most is {config.max_event_time_ahead_s:g} s)"
+                )
+            else:
+                reasons[lo + i] = (
+                    f"seq {seq[lo + i]} is {seq[lo + i] - seq_ref:.0f} ahead of the car's "
+                    f"(the most is {config.max_seq_ahead})"
+                )
+    return reasons
+
+
+def close_idle(
+    states: dict[int, PartitionState],
+    config: WindowConfig,
+    *,
+    now_us: int,
+    caught_up: set[int],
+) -> tuple[list[dict[str, Any]], set[int]]:
+    """Close the windows of cars silent for longer than `config.car_idle_s` and
+    trim their state to what refuses resends (last seq and clock). Silent means:
+    its run's event time moved on that far without it, or, on a partition the
+    consumer has read to its end (`caught_up`), that long on the wall clock (a
+    run whose producer died sends nothing more). Idle cars beyond
+    `idle_cars_kept` per partition are forgotten, oldest first. Returns the
+    closed windows and the partitions whose state changed."""
+    closed: list[dict[str, Any]] = []
+    changed: set[int] = set()
+    idle_us = config.car_idle_s * 1e6
+    lateness_us = round(config.allowed_lateness_s * 1e6)
+    for p, state in states.items():
+        clocks = _run_clocks(state)
+        for car in state.cars.values():
+            if car.idle or car.max_date_us is None:
+                continue
+            run_date = clocks[car.run_id][0] or car.max_date_us
+            silent_event = run_date - car.max_date_us > idle_us
+            silent_wall = p in caught_up and now_us - car.seen_wall_us > idle_us
+            if not (silent_event or silent_wall):
+                continue
+            closed += [_window_row(car, w, config) for w in car.open_windows]
+            if car.open_windows:  # a sample still to come for a closed window is late
+                last_end = max(w.start_us for w in car.open_windows) + config.window_us
+                car.max_date_us = max(car.max_date_us, last_end + lateness_us)
+            car.open_windows, car.rates, car.last_values, car.feature_history = [], {}, {}, {}
+            car.idle = True
+            changed.add(p)
+        idle = sorted((c.seen_wall_us, k) for k, c in state.cars.items() if c.idle)
+        for _, key in idle[: max(0, len(idle) - config.idle_cars_kept)]:
+            del state.cars[key]
+            changed.add(p)
+    return closed, changed
 
 
 def end_run(state: PartitionState, run_id: str, config: WindowConfig) -> list[dict[str, Any]]:
@@ -227,9 +380,8 @@ def _fold_windows(
     """Merge the batch's partial windows into each car's open ones and close
     every window its watermark has passed."""
     closed: list[dict[str, Any]] = []
-    car_partition = dict(zip(on_time["car"], on_time["partition"], strict=False))
-    for key, new in partials(on_time, config.window_us).items():
-        car = states[int(car_partition[key])].cars[key]
+    for (partition, key), new in partials(on_time, config.window_us).items():
+        car = states[partition].cars[key]
         by_start = {w.start_us: w for w in car.open_windows}
         for window in new:
             if window.start_us in by_start:

@@ -82,13 +82,13 @@ def window_starts(date_us: np.ndarray, window_us: int) -> np.ndarray:
     return (date_us // window_us) * window_us
 
 
-def partials(samples: pd.DataFrame, window_us: int) -> dict[str, list[WindowPartial]]:
-    """Aggregate on-time samples per car (`car` column) and window. `samples` is
-    grouped by car, each car's rows in arrival order."""
+def partials(samples: pd.DataFrame, window_us: int) -> dict[tuple[int, str], list[WindowPartial]]:
+    """Aggregate on-time samples per (partition, car) and window. `samples` is
+    grouped by partition and car, each car's rows in arrival order."""
     import numpy as np
 
     start = window_starts(samples["date_us"].to_numpy(), window_us)
-    car = samples["car"].to_numpy()
+    car = (samples["car"] + "@" + samples["partition"].astype(str)).to_numpy()
     gear = samples["gear"].to_numpy()
     throttle = samples["throttle"].to_numpy()
     # A gear change counts between consecutive samples of the same car and window.
@@ -100,7 +100,7 @@ def partials(samples: pd.DataFrame, window_us: int) -> dict[str, list[WindowPart
         throttle_full=(throttle >= 99) & (throttle <= 100),
         brake_on=samples["brake"].to_numpy() >= 50,
     )
-    agg = frame.groupby(["car", "start"], sort=False).agg(
+    agg = frame.groupby(["partition", "car", "start"], sort=False).agg(
         samples=("speed", "size"),
         speed_sum=("speed", "sum"), speed_min=("speed", "min"), speed_max=("speed", "max"),
         rpm_sum=("rpm", "sum"), rpm_min=("rpm", "min"), rpm_max=("rpm", "max"),
@@ -108,10 +108,10 @@ def partials(samples: pd.DataFrame, window_us: int) -> dict[str, list[WindowPart
         drs_open=("drs_open", "sum"), gear_changes=("changed", "sum"),
         first_gear=("gear", "first"), last_gear=("gear", "last"),
     )  # fmt: skip
-    by_car: dict[str, list[WindowPartial]] = {}
+    by_car: dict[tuple[int, str], list[WindowPartial]] = {}
     columns = [agg[c].tolist() for c in agg.columns]  # tolist: plain Python numbers
-    for i, (car_key, start_us) in enumerate(agg.index):
-        by_car.setdefault(car_key, []).append(
+    for i, (partition, car_key, start_us) in enumerate(agg.index):
+        by_car.setdefault((int(partition), car_key), []).append(
             WindowPartial(int(start_us), *(column[i] for column in columns))
         )
     return by_car

@@ -5,6 +5,16 @@ transaction (`commit_batch`). Each partition's offset row carries an epoch that
 the owner bumps when it is assigned the partition; a commit whose epoch is no
 longer current (a consumer that was presumed dead and replaced) is rolled back,
 so two processes can never both write the same messages.
+
+A row whose key is already stored (offsets lost, a car's state forgotten or
+split over two partitions) never fails the batch: the COPY runs in a savepoint,
+and on a key clash the batch is written again through a staging table with
+`ON CONFLICT DO NOTHING`. The stored row wins, the skipped ones are counted
+(samples as duplicates), and exactly once still holds. Clashes are rare, so the
+fast path stays a plain COPY.
+
+Partitions are always claimed and committed in ascending order, so two
+consumers' transactions cannot wait on each other's rows in a cycle.
 """
 
 from __future__ import annotations
@@ -12,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from psycopg import sql
 
 from pipeline.settings import Settings, get_settings
 from pipeline.sinks import dashboard_views
@@ -157,6 +169,9 @@ CREATE TABLE IF NOT EXISTS telemetry_predictions (
 ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS driver text;
 ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS session_key text;
 ALTER TABLE stream_runs ADD COLUMN IF NOT EXISTS topic text;
+ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS broker_errors integer NOT NULL DEFAULT 0;
+ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS clashes integer NOT NULL DEFAULT 0;
+ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS state_resets integer NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS stream_metrics_recorded_at ON stream_metrics (recorded_at);
 CREATE TABLE IF NOT EXISTS consumer_offsets (
     group_id text NOT NULL,
@@ -238,12 +253,12 @@ class PartitionClaim:
 
 def claim_partitions(
     conn: psycopg.Connection, group_id: str, topic: str, partitions: Sequence[int]
-) -> list[PartitionClaim]:
+) -> dict[int, PartitionClaim]:
     """Take ownership: bump each partition's epoch (fencing the previous owner)
-    and return the stored offset and state."""
-    claims = []
+    and return the stored offset and state, per partition."""
+    claims = {}
     with conn.transaction():
-        for partition in partitions:
+        for partition in sorted(partitions):  # one order for everybody: no deadlock
             row = conn.execute(
                 "INSERT INTO consumer_offsets (group_id, topic, topic_partition) "
                 "VALUES (%s, %s, %s) ON CONFLICT (group_id, topic, topic_partition) "
@@ -252,16 +267,50 @@ def claim_partitions(
                 (group_id, topic, partition),
             ).fetchone()
             assert row is not None
-            claims.append(PartitionClaim(partition, row[0], row[1], row[2]))
+            claims[partition] = PartitionClaim(partition, row[0], row[1], row[2])
     return claims
 
 
 def _copy(
     conn: psycopg.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
 ) -> None:
-    with conn.cursor().copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
+    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
+    )
+    with conn.cursor().copy(statement) as copy:
         for row in rows:
             copy.write_row(row)
+
+
+def _copy_new(
+    conn: psycopg.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> int:
+    """COPY rows into `table`, skipping those whose key is already stored (or
+    repeated within `rows`: the first wins). Returns how many were skipped."""
+    import psycopg
+
+    rows = list(rows)
+    try:
+        with conn.transaction():  # a savepoint: a clash undoes only this COPY
+            _copy(conn, table, columns, rows)
+        return 0
+    except psycopg.errors.UniqueViolation:
+        pass
+    staging = sql.Identifier(f"staging_{table}")
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    conn.execute(
+        sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        ).format(staging, sql.Identifier(table))
+    )
+    conn.execute(sql.SQL("DELETE FROM {}").format(staging))
+    _copy(conn, f"staging_{table}", columns, rows)
+    inserted = conn.execute(
+        sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING").format(
+            sql.Identifier(table), names, names, staging
+        )
+    ).rowcount
+    return len(rows) - inserted
 
 
 def _timestamps(micros: Any) -> Any:
@@ -307,10 +356,17 @@ def commit_batch(
     run_ends: list[tuple[str, int, int]],
     partitions: list[PartitionCommit],
     extra_tables: dict[str, pd.DataFrame] | None = None,
-) -> None:
-    """Write one batch's rows, offsets and state atomically (or raise Fenced)."""
+    new_runs: Sequence[tuple[str, str, str]] = (),
+) -> dict[str, int]:
+    """Write one batch's rows, offsets and state atomically (or raise Fenced).
+    `new_runs`: (run_id, session_key, source) of runs this consumer has not seen
+    before, recorded with the topic (so scratch runs are found and removed even
+    when no producer of ours registered them). Returns, per table, the rows
+    skipped because their key was already stored."""
+    skipped: dict[str, int] = {}
     with conn.transaction():
-        for commit in partitions:  # fence first: a stale owner writes nothing
+        # Fence first (a stale owner writes nothing), in ascending partition order.
+        for commit in sorted(partitions, key=lambda c: c.partition):
             updated = conn.execute(
                 "UPDATE consumer_offsets SET next_offset = %s, state = %s, updated_at = now() "
                 "WHERE group_id = %s AND topic = %s AND topic_partition = %s AND epoch = %s",
@@ -318,16 +374,30 @@ def commit_batch(
             ).rowcount
             if updated != 1:
                 raise Fenced(f"partition {commit.partition} of {topic} was taken over")
+        if new_runs:
+            conn.cursor().executemany(
+                "INSERT INTO stream_runs (run_id, session_key, source, topic) "
+                "VALUES (%s, %s, %s, %s) ON CONFLICT (run_id) DO NOTHING",
+                [(*run, topic) for run in new_runs],
+            )
         if len(samples):
-            _copy(conn, "telemetry_samples", SAMPLE_COLUMNS, sample_rows(samples))
+            skipped["telemetry_samples"] = _copy_new(
+                conn, "telemetry_samples", SAMPLE_COLUMNS, sample_rows(samples)
+            )
         if len(events):
             frame = events.assign(event_time=_timestamps(events["date_us"]))
-            _copy(conn, "anomaly_events", EVENT_COLUMNS,
-                  frame[list(EVENT_COLUMNS)].itertuples(index=False, name=None))  # fmt: skip
+            skipped["anomaly_events"] = _copy_new(
+                conn, "anomaly_events", EVENT_COLUMNS,
+                frame[list(EVENT_COLUMNS)].itertuples(index=False, name=None),
+            )  # fmt: skip
         if windows:
-            _copy(conn, "telemetry_windows", WINDOW_COLUMNS, (_window_values(w) for w in windows))
+            skipped["telemetry_windows"] = _copy_new(
+                conn, "telemetry_windows", WINDOW_COLUMNS, (_window_values(w) for w in windows)
+            )
         if dead_letters:
-            _copy(conn, "dead_letters", DEAD_LETTER_COLUMNS, dead_letters)
+            skipped["dead_letters"] = _copy_new(
+                conn, "dead_letters", DEAD_LETTER_COLUMNS, dead_letters
+            )
         if run_ends:  # a retried producer ends its run again: the latest count wins
             conn.cursor().executemany(
                 "INSERT INTO stream_run_ends (run_id, topic_partition, samples) "
@@ -337,7 +407,8 @@ def commit_batch(
             )
         for table, frame in (extra_tables or {}).items():  # e.g. the models' predictions
             if len(frame):
-                _copy(conn, table, list(frame.columns), plain_rows(frame))
+                skipped[table] = _copy_new(conn, table, list(frame.columns), plain_rows(frame))
+    return {table: n for table, n in skipped.items() if n}
 
 
 def _window_values(window: dict[str, Any]) -> tuple[Any, ...]:
@@ -355,16 +426,18 @@ def record_metrics(
     """Store one batch's metrics; with `notify` (channel, payload), also tell the
     listeners (the live page) in the same statement: one round trip per batch."""
     columns = list(metrics)
-    insert = (
-        f"INSERT INTO stream_metrics ({', '.join(columns)}) "
-        f"VALUES ({', '.join(['%s'] * len(columns))})"
+    insert = sql.SQL("INSERT INTO stream_metrics ({}) VALUES ({})").format(
+        sql.SQL(", ").join(map(sql.Identifier, columns)),
+        sql.SQL(", ").join(sql.Placeholder() * len(columns)),
     )
     values = [metrics[c] for c in columns]
     if notify is None:
         conn.execute(insert, values)
     else:
         conn.execute(
-            f"WITH stored AS ({insert} RETURNING 1) SELECT pg_notify(%s, %s) FROM stored",
+            sql.SQL("WITH stored AS ({} RETURNING 1) SELECT pg_notify(%s, %s) FROM stored").format(
+                insert
+            ),
             [*values, notify[0], notify[1].decode()],
         )
 
@@ -387,7 +460,10 @@ def delete_stream_data(
             for row in conn.execute("SELECT run_id FROM stream_runs WHERE topic = %s", (topic,))
         ]
         for table in (*RUN_TABLES, "stream_runs"):
-            conn.execute(f"DELETE FROM {table} WHERE run_id = ANY(%s)", (runs,))
+            conn.execute(
+                sql.SQL("DELETE FROM {} WHERE run_id = ANY(%s)").format(sql.Identifier(table)),
+                (runs,),
+            )
         conn.execute("DELETE FROM stream_metrics WHERE group_id = %s", (group_id,))
         conn.execute("DELETE FROM consumer_offsets WHERE group_id = %s", (group_id,))
         conn.execute(

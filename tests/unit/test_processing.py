@@ -438,3 +438,109 @@ def test_whole_2023_monaco_race_in_batches(race: pd.DataFrame) -> None:
     windows = all_windows(results, closed_at_end)
     assert windows["samples"].sum() == len(race)
     assert not windows.duplicated(["driver_number", "window_start_us"]).any()
+
+
+# --- inputs that must not break a car's stream ----------------------------------------
+
+
+def test_a_sample_dated_far_ahead_is_refused_and_the_car_stays_on_time() -> None:
+    config = WindowConfig(max_event_time_ahead_s=3_600)
+    states = new_states()
+    run_batches([synthetic_car(np.arange(41) * 0.25)], states, config)  # 0 .. 10 s
+    wild = synthetic_car([10.25, 86_400 * 365, 10.5], first_seq=41)  # one a year ahead
+    [result] = run_batches([wild], states, config)
+    assert [(p, o) for p, o, _ in result.rejected] == [(1, 1)]  # car 1: partition 1
+    assert "ahead of run synthetic@test's clock" in result.rejected[0][2]
+    assert result.samples["seq"].tolist() == [41, 43]  # stored, neither late nor duplicate
+    assert result.late == 0 and result.duplicates == 0
+    [after] = run_batches([synthetic_car([10.75, 11.0], first_seq=44)], states, config)
+    assert after.late == 0 and not after.rejected
+
+
+def test_a_huge_seq_is_refused_and_the_rest_are_not_duplicates() -> None:
+    config = WindowConfig(max_seq_ahead=100_000)
+    states = new_states()
+    run_batches([synthetic_car(np.arange(10) * 0.25)], states, config)
+    wild = synthetic_car([2.5, 2.75, 3.0], first_seq=10)
+    wild.loc[1, "seq"] = 2**31 - 1
+    [result] = run_batches([wild], states, config)
+    assert len(result.rejected) == 1 and "seq 2147483647" in result.rejected[0][2]
+    assert result.samples["seq"].tolist() == [10, 12] and result.duplicates == 0
+
+
+def test_a_wild_first_sample_of_a_run_is_refused_against_its_batch() -> None:
+    # No history at all: the batch's own median of the run is the reference.
+    states = new_states()
+    times = np.arange(40) * 0.25
+    batch_frame = pd.concat(
+        [synthetic_car(times, driver_number=d) for d in (1, 5, 9)], ignore_index=True
+    )  # all on partition 1
+    batch_frame.loc[0, "date_us"] += 10**13  # about 116 days ahead
+    [result] = run_batches([batch_frame], states, WindowConfig())
+    assert len(result.rejected) == 1 and len(result.samples) == 3 * 40 - 1
+
+
+def test_a_state_written_by_the_first_version_still_decodes() -> None:
+    # Version 1 had no `v` and no idle fields: its layout, as msgpack maps.
+    old_car = {"run_id": "r", "session_key": "s", "driver_number": 1, "driver": "VER",
+               "last_seq": 41, "last_date_us": EPOCH_US, "max_date_us": EPOCH_US,
+               "last_values": {"speed": 250.0}, "rates": {"speed": [0.0]},
+               "open_windows": [], "feature_history": {}}  # fmt: skip
+    raw = msgspec.msgpack.encode({"cars": {"r:1": old_car}, "ended": {"q": {"q:1": 7}}})
+    state = PartitionState.decode(raw)
+    assert state.v == 1 and state.cars["r:1"].last_seq == 41 and not state.cars["r:1"].idle
+    assert state.ended == {"q": {"q:1": 7}}
+    assert PartitionState.decode(state.encode()).v == batch.STATE_VERSION
+
+
+def test_a_silent_car_has_its_windows_closed_and_its_state_trimmed() -> None:
+    config = WindowConfig(car_idle_s=60)
+    states = new_states()
+    # Cars 1 and 5 share partition 1; car 5 stops after 10 s, car 1 goes on to 100 s.
+    run_batches([synthetic_car(np.arange(41) * 0.25, driver_number=5)], states, config)
+    run_batches([synthetic_car(np.arange(401) * 0.25, driver_number=1)], states, config)
+    car = states[1].cars[f"{SYNTHETIC_RUN}:5"]
+    assert car.open_windows  # [6, 9) and [9, 12) wait for a watermark that never comes
+    windows, changed = batch.close_idle(states, config, now_us=0, caught_up=set())
+    assert changed == {1} and car.idle
+    assert {w["driver_number"] for w in windows} == {5}
+    assert [w["window_start_us"] - EPOCH_US for w in windows] == [6_000_000, 9_000_000]
+    assert not car.open_windows and not car.rates and car.last_seq == 40
+    # A sample of a window closed meanwhile is late, not a second copy of the window.
+    [back] = run_batches([synthetic_car([11.0], first_seq=41, driver_number=5)], states, config)
+    assert back.late == 1 and not back.windows and not car.idle
+
+
+def test_a_car_silent_on_the_wall_clock_closes_only_once_caught_up() -> None:
+    config = WindowConfig(car_idle_s=60)
+    states = new_states()
+    run_batches([synthetic_car(np.arange(41) * 0.25)], states, config)
+    seen = states[1].cars[f"{SYNTHETIC_RUN}:1"].seen_wall_us
+    later = seen + 61 * 10**6
+    assert batch.close_idle(states, config, now_us=later, caught_up=set()) == ([], set())
+    windows, changed = batch.close_idle(states, config, now_us=later, caught_up={1})
+    assert changed == {1} and len(windows) == 2
+
+
+def test_idle_cars_are_bounded_however_many_runs_a_partition_sees() -> None:
+    config = WindowConfig(car_idle_s=60, idle_cars_kept=5)
+    states = new_states()
+    for run in range(12):  # runs whose producers died: no end marker ever comes
+        frame = synthetic_car(np.arange(8) * 0.25)
+        frame["run_id"] = f"dead-{run}"
+        run_batches([frame], states, config)
+        batch.close_idle(states, config, now_us=10**18, caught_up={1})
+    assert len(states[1].cars) == 5
+    assert set(states[1].cars) == {f"dead-{r}:1" for r in range(7, 12)}  # the newest
+
+
+def test_a_car_in_two_partitions_keeps_one_state_in_each() -> None:
+    # After a partition increase a car's new samples land on another partition.
+    states = new_states()
+    first = synthetic_car(np.arange(20) * 0.25)
+    moved = synthetic_car(np.arange(20, 40) * 0.25, first_seq=20)
+    moved["partition"] = 3
+    [result] = run_batches([pd.concat([first, moved], ignore_index=True)], states, WindowConfig())
+    assert len(result.samples) == 40 and result.duplicates == 0
+    assert states[1].cars[f"{SYNTHETIC_RUN}:1"].last_seq == 19
+    assert states[3].cars[f"{SYNTHETIC_RUN}:1"].last_seq == 39
