@@ -20,6 +20,7 @@ import httpx
 import psycopg
 import pytest
 import yaml
+from psycopg import sql
 
 from pipeline.dashboards import bundle, screenshots
 from pipeline.kafka.consumer import StreamConsumer
@@ -196,9 +197,9 @@ def test_the_reader_role_selects_every_view(
     columns = [c["column_name"] for c in dataset["columns"]]
     assert "session_key" in columns  # what the Session filter targets
     with psycopg.connect(stack.postgres_url("telemetry_reader"), autocommit=True) as conn:
-        row = conn.execute(
-            f"SELECT {', '.join(columns)} FROM {dataset['table_name']} "
-            "WHERE session_key = %s LIMIT 1",
-            (stack.demo_session,),
-        ).fetchone()
+        query = sql.SQL("SELECT {} FROM {} WHERE session_key = %s LIMIT 1").format(
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
+            sql.Identifier(dataset["schema"], dataset["table_name"]),
+        )
+        row = conn.execute(query, (stack.demo_session,)).fetchone()
     assert row is not None
