@@ -571,7 +571,12 @@ def _print_status(settings: Settings) -> bool:
 
 
 def main() -> None:
+    from pipeline.settings import SettingsError
+
     try:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+    except SettingsError as err:  # one clear message, no traceback echoing values
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        sys.exit(1)
