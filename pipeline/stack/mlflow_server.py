@@ -23,7 +23,16 @@ def prepare(settings: Settings) -> None:
     artifacts_dir(settings).mkdir(parents=True, exist_ok=True)
 
 
+def allowed_hosts(settings: Settings) -> list[str]:
+    """Host headers the server answers: its own address and localhost, on its port.
+    MLflow's default also lets in every private-network address (10.*, 192.168.*...),
+    which a DNS-rebinding page can point at; anything else gets 403."""
+    port = settings.mlflow_port
+    return sorted({f"{settings.bind_host}:{port}", f"127.0.0.1:{port}", f"localhost:{port}"})
+
+
 def processes(settings: Settings) -> list[ManagedProcess]:
+    origins = [f"http://{host}" for host in allowed_hosts(settings)]
     return [
         ManagedProcess(
             name="mlflow",
@@ -32,6 +41,8 @@ def processes(settings: Settings) -> list[ManagedProcess]:
                 "--host", settings.bind_host, "--port", str(settings.mlflow_port),
                 "--artifacts-destination", str(artifacts_dir(settings)),
                 "--workers", "1",
+                "--allowed-hosts", ",".join(allowed_hosts(settings)),
+                "--cors-allowed-origins", ",".join(origins),
             ],
             env={
                 # In the environment, not argv, so the password stays out of `ps`.
