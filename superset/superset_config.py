@@ -4,6 +4,8 @@ Loaded via SUPERSET_CONFIG_PATH=<repo>/superset/superset_config.py. Everything s
 comes from the environment set by the stack launcher; nothing secret lives here.
 """
 
+import hashlib
+import hmac
 import logging
 import os
 
@@ -24,6 +26,20 @@ def _required(name: str) -> str:
 SECRET_KEY = _required("SUPERSET_SECRET_KEY")
 if len(SECRET_KEY) < 32:
     raise RuntimeError("SUPERSET_SECRET_KEY is too short: use `openssl rand -base64 42`.")
+
+
+def _derived_secret(purpose: str) -> str:
+    """A key of its own per use, derived from SECRET_KEY (which it does not reveal)."""
+    return hmac.new(SECRET_KEY.encode(), purpose.encode(), hashlib.sha256).hexdigest()
+
+
+# Superset ships these two JWT keys as fixed strings ("test-...-change-me"). Both
+# features are off here (EMBEDDED_SUPERSET, GLOBAL_ASYNC_QUERIES), but a public key
+# must not be what signs guest tokens the day someone turns embedding on.
+GUEST_TOKEN_JWT_SECRET = _derived_secret("guest-token-jwt")
+GLOBAL_ASYNC_QUERIES_JWT_SECRET = _derived_secret("async-queries-jwt")
+# No mail server: alerts and reports are off. Superset's default password is "superset".
+SMTP_PASSWORD = None
 
 # Metadata DB, e.g. postgresql+psycopg2://superset:PW@127.0.0.1:5432/superset
 SQLALCHEMY_DATABASE_URI = _required("SUPERSET_DATABASE_URI")
