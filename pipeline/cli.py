@@ -358,7 +358,7 @@ def consume(
     import socket
 
     from pipeline.kafka.client import KafkaUnavailable, stop_on_signals
-    from pipeline.kafka.consumer import StreamConsumer
+    from pipeline.kafka.consumer import DatabaseUnavailable, StreamConsumer
 
     _setup_logging()
     member = member or f"{socket.gethostname()}-{os.getpid()}"
@@ -367,15 +367,16 @@ def consume(
             report = StreamConsumer(member, stop=stop).run(
                 until_run=until_run, idle_timeout_s=idle_timeout, max_seconds=max_seconds
             )
-        except KafkaUnavailable as err:
+        except (KafkaUnavailable, DatabaseUnavailable) as err:
             _fail(str(err))
     typer.echo(
         f"{member}: {report.messages:,} messages in {report.batches:,} batches, "
         f"{report.messages_per_s:,.0f}/s; {report.samples:,} samples stored, "
         f"{report.windows:,} windows, {report.anomalies:,} anomalies, "
         f"{report.dead_letters:,} dead letters {dict(report.dead_letter_reasons)}, "
-        f"{report.duplicates:,} duplicates skipped, {report.late:,} late; "
-        f"stopped: {report.stop_reason}"
+        f"{report.duplicates:,} duplicates skipped ({report.clashes:,} rows already stored), "
+        f"{report.late:,} late, {report.broker_errors:,} broker errors, "
+        f"{report.db_retries:,} database retries; stopped: {report.stop_reason}"
     )
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from pipeline import schema
+from pipeline import faults, schema
 from pipeline.kafka.client import check_reachable, consumer_config, producer_config
 from pipeline.live import feed as live_feed
 from pipeline.processing import batch as batch_logic
@@ -150,6 +150,7 @@ class StreamConsumer:
             self.epochs[tp.partition] = claim.epoch
             self.offsets[tp.partition] = claim.next_offset
         log.info("%s assigned %s", self.member, {p.partition: p.offset for p in partitions})
+        faults.point(self.settings, faults.ASSIGNED)
         consumer.assign(partitions)
 
     def _decode_state(self, partition: int, raw: bytes | None) -> batch_logic.PartitionState:
@@ -363,6 +364,7 @@ class StreamConsumer:
             for p, offset in sorted(next_offsets.items())
         ]
         new_runs = [(run, *where) for run, where in decoded.new_runs.items()]
+        faults.point(self.settings, faults.BEFORE_COMMIT)
         try:
             skipped = self._with_database(
                 "committing a batch",
@@ -383,6 +385,7 @@ class StreamConsumer:
         except telemetry_db.Fenced as err:
             self._rejoin(err)
             return
+        faults.point(self.settings, faults.AFTER_COMMIT)
         self.offsets.update(next_offsets)
         self._runs_seen.update(decoded.new_runs)
         # Samples whose key was stored already are duplicates like any resend.

@@ -52,6 +52,9 @@ class ProduceReport:
     stopped_early: bool = False
     per_partition: dict[int, int] = field(default_factory=dict)
     errors: Counter[str] = field(default_factory=Counter)
+    # (driver_number, seq) of every sample whose delivery failed: with `planned`,
+    # exactly what was acknowledged (what "nothing lost" is measured against).
+    failed_samples: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def intended_rate_hz(self) -> float | None:
@@ -142,6 +145,9 @@ def produce_session(
         else:
             report.failed += 1
             report.errors[str(err)] += 1
+            sent = schema.decode(message.value() or b"")
+            if isinstance(sent, schema.TelemetrySample):
+                report.failed_samples.append((sent.driver_number, sent.seq))
 
     _record_run_start(settings, report)
     topic = settings.telemetry_topic

@@ -30,10 +30,13 @@ ENDED_RUNS_KEPT = 50
 
 # Layout of the stored state. Fields are only ever added, with defaults, so a
 # state written by an older version decodes; bump this when a field is added.
-# 1: the first release (no `v`); 2: idle cars (`seen_wall_us`, `idle`).
+# 1: the first release (no `v`); 2: idle cars (`seen_wall_us`, `idle`) and
+# out-of-order seqs (`missing`).
 STATE_VERSION = 2
 
 OUT_OF_BOUNDS = "out_of_bounds"
+# Out-of-order seqs remembered per car (gaps below its highest seq).
+MISSING_KEPT = 256
 
 
 class CarState(msgspec.Struct):
@@ -52,6 +55,7 @@ class CarState(msgspec.Struct):
     feature_history: dict[str, list[float]] = {}  # the models' rolling inputs (ml.features)
     seen_wall_us: int = 0  # wall clock of the batch that last had a sample of the car
     idle: bool = False  # silent past the idle time: windows closed, history dropped
+    missing: list[int] = []  # seqs below last_seq not seen yet (out of order), ascending
 
 
 class PartitionState(msgspec.Struct):
@@ -150,9 +154,7 @@ def process(
         state.seen_wall_us = now_us
         if state.idle:  # back after a silence: its windows closed, its history starts anew
             state.idle = False
-        # Duplicates: a seq at or below one already seen for this car (a resend).
-        seen = np.maximum.accumulate(np.concatenate(([state.last_seq], seq[lo:hi])))[:-1]
-        fresh = seq[lo:hi] > seen
+        fresh = _fresh(seq[lo:hi], state)
         keep[lo:hi] = fresh
         rows = np.flatnonzero(fresh) + lo
         if not len(rows):
@@ -168,7 +170,6 @@ def process(
         is_late = window_starts(times, config.window_us) + config.window_us <= watermark_before
         late[rows] = is_late
         state.max_date_us = int(seen_max[-1])
-        state.last_seq = int(seq[rows[-1]])
         rows, times = rows[~is_late], times[~is_late]
         if len(rows):
             _gaps_and_outliers(frame, rows, times, state, config, gap, gap_s, outliers)
@@ -198,6 +199,39 @@ def process(
         features=features,
         rejected=rejected,
     )
+
+
+def _fresh(seq: np.ndarray, car: CarState) -> np.ndarray:
+    """Which of a car's samples (in arrival order) are new; updates its seqs.
+
+    A resend repeats a seq already seen: at or below the highest one, and not
+    one of the gaps still open below it (`car.missing`, so a sample that comes
+    out of order is new, not a duplicate). Only the newest MISSING_KEPT gaps are
+    remembered: a straggler older than those is taken for a resend (and counted
+    as a duplicate), as a resend is far likelier."""
+    import numpy as np
+
+    top = car.last_seq
+    if not car.missing and seq[0] == top + 1 and (len(seq) == 1 or (np.diff(seq) == 1).all()):
+        car.last_seq = int(seq[-1])  # the usual case: in order, no gap
+        return np.ones(len(seq), dtype=bool)
+    _, first = np.unique(seq, return_index=True)
+    once = np.zeros(len(seq), dtype=bool)
+    once[first] = True  # the first of repeats within the batch
+    missing = np.asarray(car.missing, dtype=np.int64)
+    fresh = once & ((seq > top) | np.isin(seq, missing))
+    above = np.unique(seq[seq > top])
+    if len(above):  # the gaps this batch opened above the old top, newest first
+        steps = np.concatenate(([top], above))
+        opened: list[np.ndarray] = []
+        for i in np.flatnonzero(np.diff(steps) > 1)[::-1].tolist():
+            opened.append(np.arange(max(steps[i] + 1, steps[i + 1] - MISSING_KEPT), steps[i + 1]))
+            if sum(map(len, opened)) >= MISSING_KEPT:
+                break
+        missing = np.concatenate((missing, *opened[::-1]))
+    car.missing = np.setdiff1d(missing, seq[fresh])[-MISSING_KEPT:].tolist()
+    car.last_seq = max(top, int(seq.max()))
+    return fresh
 
 
 def _car_edges(frame: pd.DataFrame) -> list[int]:

@@ -205,6 +205,9 @@ DEAD_LETTER_COLUMNS = (
 )  # fmt: skip
 
 
+IDLE_IN_TRANSACTION_MS = 20_000
+
+
 class Fenced(RuntimeError):
     """Another consumer owns the partition now; this batch must not be committed."""
 
@@ -213,7 +216,13 @@ def connect(settings: Settings | None = None, *, autocommit: bool = False) -> ps
     import psycopg
 
     settings = settings or get_settings()
-    return psycopg.connect(settings.postgres_url("telemetry"), autocommit=autocommit)
+    # A process paused inside a transaction (SIGSTOP, a stalled host) would hold
+    # its partitions' offset rows locked, and its successor's claim would wait.
+    return psycopg.connect(
+        settings.postgres_url("telemetry"),
+        autocommit=autocommit,
+        options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
+    )
 
 
 def ensure_schema(settings: Settings | None = None) -> None:

@@ -544,3 +544,31 @@ def test_a_car_in_two_partitions_keeps_one_state_in_each() -> None:
     assert len(result.samples) == 40 and result.duplicates == 0
     assert states[1].cars[f"{SYNTHETIC_RUN}:1"].last_seq == 19
     assert states[3].cars[f"{SYNTHETIC_RUN}:1"].last_seq == 39
+
+
+def test_samples_out_of_order_are_new_and_resends_still_duplicates() -> None:
+    states = new_states()
+    times = np.arange(40) * 0.25
+    frame = synthetic_car(times)
+    order = np.arange(40)
+    order[[10, 11]] = [11, 10]  # a swapped pair
+    order[20:25] = [24, 20, 21, 22, 23]  # one overtakes four
+    shuffled = frame.iloc[order].reset_index(drop=True)
+    [first, second] = run_batches(cut(shuffled, [15]), states, WindowConfig())
+    assert first.duplicates == second.duplicates == 0
+    assert sorted([*first.samples["seq"], *second.samples["seq"]]) == list(range(40))
+    assert not states[1].cars[f"{SYNTHETIC_RUN}:1"].missing  # every gap filled
+    [again] = run_batches([frame.iloc[[5, 22, 39]]], states, WindowConfig())
+    assert again.duplicates == 3 and again.samples.empty
+
+
+def test_a_gap_stays_open_for_its_sample_within_a_bound() -> None:
+    states = new_states()
+    frame = synthetic_car(np.arange(600) * 0.25)
+    without = frame[frame["seq"] != 100]
+    run_batches([without], states, WindowConfig())
+    car = states[1].cars[f"{SYNTHETIC_RUN}:1"]
+    assert car.missing == [100] and car.last_seq == 599
+    [straggler] = run_batches([frame[frame["seq"] == 100]], states, WindowConfig())
+    assert len(straggler.samples) == 1 and straggler.late == 1  # its window had closed
+    assert not car.missing
