@@ -4,7 +4,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 F1 := .venv/bin/f1
 
-.PHONY: help install up down status test lint
+.PHONY: help install up down status test lint audit
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -31,3 +31,6 @@ test: install  ## the test suite (starts the stack if needed, stops what it star
 
 lint: install  ## ruff and mypy
 	@.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy
+
+audit: install  ## pip-audit of both locked environments (fails on fixable vulnerabilities)
+	@.venv/bin/python -m pipeline.audit
