@@ -26,7 +26,7 @@ def run(
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     figures: dict[str, Any] = {}
     for label in LABELS:
-        name = registered_name(label)
+        name = registered_name(label, settings)
         versions = client.search_model_versions(f"name = '{name}'")
         if not versions:
             continue

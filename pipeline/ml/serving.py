@@ -95,7 +95,7 @@ class ChampionScorer:
         self._checked_at = now
         client = mlflow.MlflowClient(self.settings.mlflow_tracking_uri)
         for label in self.labels:
-            name = registered_name(label)
+            name = registered_name(label, self.settings)
             try:
                 version = str(client.get_model_version_by_alias(name, CHAMPION).version)
             except MlflowException as err:

@@ -35,8 +35,10 @@ PRIMARY_METRIC = "val_pr_auc"
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
-def registered_name(label: str) -> str:
-    return f"f1-{label.replace('_', '-')}"
+def registered_name(label: str, settings: Settings) -> str:
+    """The model's name in the registry, also its MLflow experiment's: `<prefix>-pit-stop`
+    etc., the prefix from the settings (`f1`; tests use one of their own)."""
+    return f"{settings.model_name_prefix}-{label.replace('_', '-')}"
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ def train_one(
     result = ModelResult(label, "registered", per_race, positives)
 
     mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.set_experiment(registered_name(label))
+    mlflow.set_experiment(registered_name(label, settings))
     with mlflow.start_run(run_name=f"{label} h={config.horizon_s:g}s") as run:
         result.run_id = run.info.run_id
         mlflow.log_params(
@@ -264,7 +266,7 @@ def registered_versions(settings: Settings) -> dict[str, int]:
 
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     return {
-        label: len(client.search_model_versions(f"name = '{registered_name(label)}'"))
+        label: len(client.search_model_versions(f"name = '{registered_name(label, settings)}'"))
         for label in LABELS
     }
 
@@ -281,7 +283,7 @@ def _register(
     from mlflow.exceptions import MlflowException
     from mlflow.models import infer_signature
 
-    name = registered_name(label)
+    name = registered_name(label, settings)
     example = validation.features.head(5)
     info = mlflow.xgboost.log_model(
         booster, name="model", model_format="ubj", registered_model_name=name,

@@ -59,6 +59,9 @@ def environment(settings: Settings) -> dict[str, str]:
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         "AIRFLOW_CONN_KAFKA_DEFAULT": json.dumps(kafka_conn),
         "AIRFLOW_CONN_TELEMETRY_DB": settings.postgres_url("telemetry"),
+        # Tasks read the settings from the environment: `dags test` with scratch
+        # settings (tests) trains and promotes under the scratch model names.
+        "MODEL_NAME_PREFIX": settings.model_name_prefix,
     }
 
 
