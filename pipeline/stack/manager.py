@@ -69,7 +69,9 @@ DEPENDENT_SERVICES = (
 SERVICES = (POSTGRES, *DEPENDENT_SERVICES)
 
 
-def _bring_up(service: Service, settings: Settings) -> list[str]:
+def bring_up(service: Service, settings: Settings) -> list[str]:
+    """One service to healthy: prepare, start its processes, configure; only
+    configure when it already runs healthy. Returns the processes started now."""
     started_at = time.monotonic()
     procs = service.processes(settings)
     if all(p.pid() is not None and p.healthy() and not p.code_changed() for p in procs):
@@ -90,9 +92,9 @@ def up(settings: Settings, *, only: set[str] | None = None) -> list[str]:
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     # Logs may echo connection strings on failure: keep them private.
     settings.log_dir.chmod(0o700)
-    started = _bring_up(POSTGRES, settings)
+    started = bring_up(POSTGRES, settings)
     with ThreadPoolExecutor(max_workers=len(wanted) or 1) as pool:
-        futures = [pool.submit(_bring_up, s, settings) for s in wanted]
+        futures = [pool.submit(bring_up, s, settings) for s in wanted]
         errors: list[Exception] = []
         for future in futures:
             try:

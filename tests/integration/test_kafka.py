@@ -72,20 +72,25 @@ def test_message_round_trip_through_the_broker(stack: Settings, topic: str) -> N
 
 
 def test_damaged_data_folder_is_reported_and_kept(stack: Settings) -> None:
-    from pipeline.stack import kafka_server, manager
+    # On a broker of its own: the shared one (and a demo streaming through it) keeps running.
+    from pipeline.stack import kafka_server
     from pipeline.stack.process import StackError
+    from pipeline.stack.sandbox import private_services
 
-    manager.down(stack, only={"kafka"})
-    meta = kafka_server.data_dir(stack) / "meta.properties"
-    aside = meta.with_suffix(".aside")
-    meta.rename(aside)
-    files_before = sorted(p.name for p in kafka_server.data_dir(stack).iterdir())
-    try:
-        with pytest.raises(StackError, match=r"Kafka data folder .* is damaged.*move it aside"):
-            manager.up(stack, only={"kafka"})
-        # Nothing in the folder was deleted or rewritten by the failed start.
-        assert sorted(p.name for p in kafka_server.data_dir(stack).iterdir()) == files_before
-    finally:
-        aside.rename(meta)
-        manager.up(stack, only={"kafka"})
-    assert kafka_server.processes(stack)[0].healthy()
+    with private_services(stack, only={"kafka"}) as private:
+        broker = private.settings
+        assert private.kafka.stop()
+        meta = kafka_server.data_dir(broker) / "meta.properties"
+        aside = meta.with_suffix(".aside")
+        meta.rename(aside)
+        files_before = sorted(p.name for p in kafka_server.data_dir(broker).iterdir())
+        try:
+            with pytest.raises(StackError, match=r"Kafka data folder .* is damaged.*move it aside"):
+                private.up("kafka")  # what `make up` does for Kafka
+            # Nothing in the folder was deleted or rewritten by the failed start.
+            assert sorted(p.name for p in kafka_server.data_dir(broker).iterdir()) == files_before
+            assert private.kafka.pid() is None
+        finally:
+            aside.rename(meta)
+        private.up("kafka")
+        assert private.kafka.healthy()
