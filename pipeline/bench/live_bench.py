@@ -6,6 +6,10 @@ A replay (topics and consumer group of its own) runs mid-race at `speed`, with
 Real F1 car data comes in ~3.8 bursts per second (all cars at once), and each
 consumer commits each burst as one batch, so at 1x the page gets about 3.8
 updates per second per consumer; faster replays give more.
+
+The benchmark watches for a fixed time and reports rates; the test (`min_updates`)
+watches until a condition holds instead: the replay is over, the page received at
+least that many of its updates and drew the last one it received.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.bench.stream_bench import percentiles
 from pipeline.kafka.consumer import ConsumeReport, StreamConsumer
@@ -24,6 +29,9 @@ from pipeline.kafka.topics import scratch_topics
 from pipeline.live import browser
 from pipeline.settings import Settings
 from pipeline.sinks import telemetry_db
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
 
 MID_RACE_S = 5400.0  # session clock: about lap 22 in 2023, all cars on track
 WARM_UP_S = 3.0  # consumers join the group and the page connects before the replay
@@ -35,6 +43,10 @@ class LiveRun:
     produced: ProduceReport
     consumed: list[ConsumeReport]
     cars_stored: int  # distinct cars of the run in telemetry_samples
+    # With `min_updates`: updates of this replay the page received (other replays,
+    # the demo's, reach it too), and whether it drew after the last of them.
+    run_updates: int | None = None
+    run_updates_drawn: bool | None = None
 
 
 def run(
@@ -45,8 +57,12 @@ def run(
     speed: float,
     consumers: int = 1,
     screenshot: Path | None = None,
+    min_updates: int | None = None,
+    timeout_s: float = 300.0,
 ) -> LiveRun:
-    """Watch the page for `seconds` of wall time while the replay runs."""
+    """Replay `seconds` (wall time at `speed`) and watch the page: for `seconds`,
+    or with `min_updates` until the replay is over and the page has received at
+    least that many of its updates and drawn the last one (at most `timeout_s`)."""
     with scratch_topics(settings, "live") as scratch:
         run_id = f"live-{uuid.uuid4().hex[:6]}"
         reports: list[ConsumeReport] = []
@@ -77,7 +93,18 @@ def run(
             thread.start()
         time.sleep(WARM_UP_S)
         producer.start()
-        watched = browser.watch(scratch, seconds, screenshot=screenshot)
+        mine: dict[str, Any] = {}
+        if min_updates is None:
+            watched = browser.watch(scratch, seconds, screenshot=screenshot)
+        else:
+            watched, mine = _watch_until(
+                scratch,
+                run_id,
+                lambda: not producer.is_alive() and not any(t.is_alive() for t in threads),
+                min_updates=min_updates,
+                timeout_s=timeout_s,
+                screenshot=screenshot,
+            )
         producer.join()
         for thread in threads:
             thread.join()
@@ -86,7 +113,81 @@ def run(
                 "SELECT count(DISTINCT driver_number) FROM telemetry_samples WHERE run_id = %s",
                 (run_id,),
             ).fetchone()
-    return LiveRun(watched, produced["report"], reports, int(row[0]) if row else 0)
+    return LiveRun(
+        watched,
+        produced["report"],
+        reports,
+        int(row[0]) if row else 0,
+        run_updates=mine.get("updates"),
+        run_updates_drawn=mine.get("drawn"),
+    )
+
+
+# Counts the updates of one replay as the page gets them: a second listener on the
+# page's own EventSource (`source`), after the page's, so the page has taken each in.
+_COUNT_RUN_JS = """(run) => {
+  window.f1run = { updates: 0, lastAt: null };
+  source.addEventListener("batch", (e) => {
+    if (JSON.parse(e.data).runs.includes(run)) {
+      f1run.updates += 1;
+      f1run.lastAt = nowMs();
+    }
+  });
+}"""
+# Drawn: the page rendered after the last update of the replay arrived.
+_RUN_STATE_JS = """() => ({
+  updates: f1run.updates,
+  drawn: f1run.lastAt !== null && lastRender >= f1run.lastAt,
+})"""
+
+
+def _watch_until(
+    settings: Settings,
+    run_id: str,
+    replay_done: Callable[[], bool],
+    *,
+    min_updates: int,
+    timeout_s: float,
+    screenshot: Path | None,
+) -> tuple[browser.PageWatch, dict[str, Any]]:
+    """Keep the page open until the replay is done and the page has received at
+    least `min_updates` of its updates and drawn the last; or `timeout_s` passed
+    (the caller checks what it got)."""
+    with browser.signed_in_page(settings) as page:
+        answer = page.goto(f"{settings.airflow_url}/f1/live")
+        if answer is None or answer.status != 200:
+            raise RuntimeError(f"live page answered {answer and answer.status}")
+        page.evaluate(_COUNT_RUN_JS, run_id)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state: dict[str, Any] = page.evaluate(_RUN_STATE_JS)
+            done = replay_done() and state["updates"] >= min_updates and state["drawn"]
+            if done or time.monotonic() > deadline:
+                break
+            page.wait_for_timeout(100)
+        return _read_page(page, screenshot), state
+
+
+def _read_page(page: Page, screenshot: Path | None) -> browser.PageWatch:
+    """What the page counted and shows (as `browser.watch` reads it)."""
+    stats: dict[str, Any] = page.evaluate("window.f1live")
+    first_row = page.locator("#cars tr").first
+    cells = first_row.locator("td").all_inner_texts() if first_row.count() else []
+    cars_shown = page.locator("#cars tr").count()
+    if screenshot is not None:
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot))
+    span_ms = (stats["lastEventAt"] or 0) - (stats["firstEventAt"] or 0)
+    return browser.PageWatch(
+        seconds=span_ms / 1000,
+        events=int(stats["events"]),
+        renders=int(stats["renders"]),
+        renders_with_cars=int(stats["rendersWithCars"]),
+        latencies_ms=[float(v) for v in stats["latenciesMs"]],
+        cars_shown=cars_shown,
+        first_row=cells,
+        screenshot=screenshot,
+    )
 
 
 def figures(live: LiveRun) -> dict[str, Any]:
