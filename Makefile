@@ -4,10 +4,10 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 F1 := .venv/bin/f1
 
-.PHONY: help install up down status test lint audit
+.PHONY: help install up down status test test-faults lint audit
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install:  ## install packages, Python environments and Kafka jars (idempotent)
 	@bash infra/bootstrap.sh
@@ -28,6 +28,9 @@ status:  ## each service: running, healthy, URL
 
 test: install  ## the test suite (starts the stack if needed, stops what it started)
 	@.venv/bin/pytest
+
+test-faults: install  ## every fault test, the long ones too (private broker and database)
+	@.venv/bin/pytest -m faults tests/integration/test_faults.py
 
 lint: install  ## ruff and mypy
 	@.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy

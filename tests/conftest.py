@@ -4,6 +4,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures shared by the stream and fault tests (scratch topics, the race).
+pytest_plugins = ["tests.integration.streams", "tests.integration.faults"]
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Mark by folder so `pytest -m "not integration"` runs just the fast tests.

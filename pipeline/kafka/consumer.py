@@ -127,6 +127,7 @@ class StreamConsumer:
         self.offsets: dict[int, int | None] = {}  # next offset as last committed
         self._runs_seen: set[str] = set()
         self._client_errors = 0  # reported by librdkafka's error callback, not yet stored
+        self._client_error_logged = 0.0
         self._pending_resets = 0
         self.report = ConsumeReport(member)
         self._conn: psycopg.Connection | None = None
@@ -186,7 +187,10 @@ class StreamConsumer:
         """librdkafka's error callback: the broker down, a request failing. The
         client retries by itself; we count what it reports."""
         self._client_errors += 1
-        log.warning("%s: Kafka client reported %s", self.member, error)
+        now = time.monotonic()
+        if now - self._client_error_logged > 10:  # it repeats while the broker is down
+            self._client_error_logged = now
+            log.warning("%s: Kafka client reported %s", self.member, error)
 
     # --- the database, through outages ---------------------------------------------------
     def _with_database(self, what: str, work: Any) -> Any:

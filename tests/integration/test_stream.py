@@ -7,16 +7,13 @@ on the default topic is never disturbed (and never disturbs the test).
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import psycopg
 import pytest
@@ -25,125 +22,19 @@ from confluent_kafka import Consumer, Producer
 from pipeline import schema
 from pipeline.kafka.consumer import StreamConsumer
 from pipeline.kafka.producer import produce_session
-from pipeline.kafka.topics import (
-    SCRATCH_FIELDS,
-    TopicMismatch,
-    admin_client,
-    describe,
-    provision,
-    scratch_topics,
-    topic_specs,
-)
-from pipeline.settings import PROJECT_ROOT, Settings
+from pipeline.kafka.topics import TopicMismatch, admin_client, describe, provision, topic_specs
+from pipeline.settings import Settings
 from pipeline.sinks import telemetry_db
-from pipeline.sources.replay import load_samples
 from pipeline.stack import airflow_server
-
-F1 = str(PROJECT_ROOT / ".venv" / "bin" / "f1")
-RACE = "2023_Monaco_R"
-
-
-@pytest.fixture
-def isolated(stack: Settings) -> Iterator[tuple[Settings, dict[str, str]]]:
-    """Settings and a subprocess environment with fresh topics and group."""
-    with scratch_topics(stack, "test") as settings:
-        telemetry_db.ensure_schema(settings)
-        env = {**os.environ, **{f.upper(): str(getattr(settings, f)) for f in SCRATCH_FIELDS}}
-        yield settings, env
-
-
-@pytest.fixture(scope="module")
-def race(race_export: Path) -> pd.DataFrame:
-    samples = load_samples(race_export)
-    samples["seq"] = samples.groupby("driver_number").cumcount()
-    return samples
-
-
-def _consumer_process(env: dict[str, str], member: str, run: str, **extra_env: str) -> Any:
-    return subprocess.Popen(
-        [F1, "consume", "--member", member, "--until-run", run, "--idle-timeout", "120"],
-        env={**env, **extra_env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
-def _stored(settings: Settings, run: str) -> pd.DataFrame:
-    with telemetry_db.connect(settings) as conn:
-        cur = conn.execute(
-            "SELECT driver_number, seq, speed FROM telemetry_samples WHERE run_id = %s", (run,)
-        )
-        return pd.DataFrame(cur.fetchall(), columns=["driver_number", "seq", "speed"])
-
-
-def _stored_windows(settings: Settings, run: str) -> pd.DataFrame:
-    with telemetry_db.connect(settings) as conn:
-        cur = conn.execute(
-            "SELECT driver_number, (extract(epoch FROM window_start) * 1e6)::bigint AS start_us,"
-            " samples, speed_min, speed_avg, speed_max, rpm_min, rpm_avg, rpm_max,"
-            " throttle_full_share, brake_share, gear_changes, drs_open_share"
-            " FROM telemetry_windows WHERE run_id = %s",
-            (run,),
-        )
-        return pd.DataFrame(cur.fetchall(), columns=[d.name for d in cur.description or []])
-
-
-def expected_windows(samples: pd.DataFrame) -> pd.DataFrame:
-    """The 3 s windows recomputed from the dataset with pandas, independently."""
-    cars = samples.sort_values(["driver_number", "seq"]).reset_index(drop=True)
-    cars["start_us"] = (cars["date"].astype("int64") // 1000) // 3_000_000 * 3_000_000
-    same_window = cars[["driver_number", "start_us"]].eq(
-        cars[["driver_number", "start_us"]].shift()
-    )
-    cars["changed"] = (cars["gear"] != cars["gear"].shift()) & same_window.all(axis=1)
-    cars["full"] = cars["throttle"].between(99, 100)
-    cars["drs_on"] = cars["drs"] >= 10
-    return (
-        cars.groupby(["driver_number", "start_us"])
-        .agg(
-            samples=("speed", "size"),
-            speed_min=("speed", "min"),
-            speed_avg=("speed", "mean"),
-            speed_max=("speed", "max"),
-            rpm_min=("rpm", "min"),
-            rpm_avg=("rpm", "mean"),
-            rpm_max=("rpm", "max"),
-            throttle_full_share=("full", "mean"),
-            brake_share=("brake", "mean"),
-            gear_changes=("changed", "sum"),
-            drs_open_share=("drs_on", "mean"),
-        )
-        .reset_index()
-    )
-
-
-def assert_exactly_once(settings: Settings, run: str, samples: pd.DataFrame) -> None:
-    stored = _stored(settings, run)
-    assert len(stored) == len(samples)
-    keys = stored.set_index(["driver_number", "seq"]).sort_index()
-    assert keys.index.is_unique
-    expected = samples.set_index(["driver_number", "seq"]).sort_index()
-    assert keys.index.equals(expected.index)
-    assert np.allclose(keys["speed"].to_numpy(), expected["speed"].to_numpy())
-
-
-def assert_windows_match(settings: Settings, run: str, samples: pd.DataFrame) -> None:
-    stored = _stored_windows(settings, run)
-    expected = expected_windows(samples)
-    assert len(stored) == len(expected)
-    both = expected.merge(stored, on=["driver_number", "start_us"], suffixes=("", "_db"))
-    assert len(both) == len(expected)
-    for column in expected.columns.drop(["driver_number", "start_us"]):
-        close = np.isclose(both[column].astype(float), both[f"{column}_db"].astype(float),
-                           rtol=1e-5, atol=1e-5)  # fmt: skip
-        assert close.all(), f"{column}: {(~close).sum()} windows differ"
-
-
-def _wait(process: Any, timeout: float = 600) -> str:
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-3000:]
-    return str(output)
+from tests.integration.streams import (
+    F1,
+    RACE,
+    assert_exactly_once,
+    assert_windows_match,
+    consumer_process,
+    stored_samples,
+    wait_ok,
+)
 
 
 def test_whole_race_through_two_consumers_is_stored_exactly_once(
@@ -151,11 +42,11 @@ def test_whole_race_through_two_consumers_is_stored_exactly_once(
 ) -> None:
     settings, env = isolated
     run = f"whole-{uuid.uuid4().hex[:6]}"
-    consumers = [_consumer_process(env, f"c{i}", run) for i in (1, 2)]
+    consumers = [consumer_process(env, f"c{i}", run) for i in (1, 2)]
     report = produce_session(settings.export_dir / RACE, speed=None, run_id=run, settings=settings)
     assert report.delivered == report.planned == len(race) == 797_840
     assert sum(report.per_partition.values()) == len(race)
-    outputs = [_wait(c) for c in consumers]
+    outputs = [wait_ok(c) for c in consumers]
     assert all(f"run {run} complete" in out for out in outputs), outputs
     assert_exactly_once(settings, run, race)
     assert_windows_match(settings, run, race)
@@ -178,16 +69,16 @@ def test_a_consumer_killed_mid_stream_resumes_exactly_once(
         settings.export_dir / RACE, speed=None, run_id=run, duration_s=seconds, settings=settings
     )
     # Small batches so the kill lands mid-stream.
-    victim = _consumer_process(env, "victim", run, STREAM_BATCH_SIZE="200")
+    victim = consumer_process(env, "victim", run, STREAM_BATCH_SIZE="200")
     deadline = time.monotonic() + 120
-    while len(_stored(settings, run)) < 5_000:
+    while len(stored_samples(settings, run)) < 5_000:
         assert time.monotonic() < deadline and victim.poll() is None
         time.sleep(0.2)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    stored_at_kill = len(_stored(settings, run))
+    stored_at_kill = len(stored_samples(settings, run))
     assert 0 < stored_at_kill < report.delivered
-    _wait(_consumer_process(env, "successor", run))
+    wait_ok(consumer_process(env, "successor", run))
     first = race["session_time_s"].iloc[0]
     window = race[race["session_time_s"] < first + seconds]
     assert_exactly_once(settings, run, window)
@@ -199,28 +90,28 @@ def test_sigterm_stops_producer_and_consumer_cleanly_and_nothing_is_lost(
 ) -> None:
     settings, env = isolated
     run = f"term-{uuid.uuid4().hex[:6]}"
-    consumer = _consumer_process(env, "terminated", run)
+    consumer = consumer_process(env, "terminated", run)
     producer = subprocess.Popen(
         [F1, "produce", "--session", RACE, "--speed", "50", "--run-id", run],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60
-    while len(_stored(settings, run)) < 2_000:
+    while len(stored_samples(settings, run)) < 2_000:
         assert time.monotonic() < deadline and producer.poll() is None
         time.sleep(0.2)
     producer.send_signal(signal.SIGTERM)
-    produced = _wait(producer, timeout=60)
+    produced = wait_ok(producer, timeout=60)
     assert "stopped early on request" in produced
     consumer.send_signal(signal.SIGTERM)
-    assert "stopped: stop requested" in _wait(consumer, timeout=60)
+    assert "stopped: stop requested" in wait_ok(consumer, timeout=60)
 
     with telemetry_db.connect(settings) as conn:
         delivered, stopped_early = conn.execute(
             "SELECT samples_delivered, stopped_early FROM stream_runs WHERE run_id = %s", (run,)
         ).fetchone() or (0, False)
     assert stopped_early and 2_000 <= delivered < 797_840
-    _wait(_consumer_process(env, "successor", run))  # drains what is left, to the end marker
-    stored = _stored(settings, run)
+    wait_ok(consumer_process(env, "successor", run))  # drains what is left, to the end marker
+    stored = stored_samples(settings, run)
     assert len(stored) == delivered
     assert not stored.duplicated(["driver_number", "seq"]).any()
 
@@ -265,7 +156,7 @@ def test_malformed_messages_go_to_the_dead_letter_topic_with_reasons(
     assert [r[0] for r in rows] == [k for k, ms in bad.items() for _ in ms]
     assert any("Expected `float`, got `str`" in r[1] for r in rows)
     assert any("missing required field `date_us`" in r[1] for r in rows)
-    assert len(_stored(settings, run)) == len(good)
+    assert len(stored_samples(settings, run)) == len(good)
 
     reader = Consumer(
         {"bootstrap.servers": settings.kafka_bootstrap_servers, "group.id": f"read-{run}",
