@@ -77,6 +77,12 @@ class ChampionScorer:
 
     def _follow(self) -> None:
         """Background: follow the aliases, so no registry round trip sits in a batch."""
+        import os
+
+        # MLflow's client retries a refused connection for minutes by default: with
+        # MLflow down, fail fast, say so, and ask again at the next refresh instead.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         while True:
             time.sleep(self.refresh_s)
             try:
@@ -98,18 +104,23 @@ class ChampionScorer:
             name = registered_name(label, self.settings)
             try:
                 version = str(client.get_model_version_by_alias(name, CHAMPION).version)
-            except MlflowException as err:
-                self._warn_once(
-                    label,
-                    f"no {CHAMPION} for {name} yet ({err.error_code}): its predictions stay "
-                    "empty; run `f1 train` or the f1_train DAG",
-                )
+            except Exception as err:
+                code = getattr(err, "error_code", None)
+                if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    self._warn_once(
+                        label,
+                        f"no {CHAMPION} for {name} yet ({code}): its predictions stay "
+                        "empty; run `f1 train` or the f1_train DAG",
+                    )
+                else:  # MLflow down (the client wraps a refused connection too)
+                    served = self.served.get(label)
+                    self._warn_once(
+                        f"{label}:unreachable",
+                        f"cannot reach the MLflow registry for {name} ({err}); "
+                        + (f"still serving v{served.version}" if served else "serving nothing"),
+                    )
                 continue
-            except Exception as err:  # MLflow down: keep serving what is loaded
-                self._warn_once(
-                    label, f"cannot reach the MLflow registry ({err}); serving what is loaded"
-                )
-                continue
+            self._warned.discard(f"{label}:unreachable")  # reached again: say so next time
             current = self.served.get(label)
             if current and current.version == version:
                 continue

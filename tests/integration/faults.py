@@ -11,12 +11,17 @@ rewritten after the run, keeping the rows of faults that did not run this time.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pandas as pd
 import pytest
 from confluent_kafka import Consumer, TopicPartition
@@ -116,6 +121,62 @@ def measure(settings: Settings, run: str, expected: pd.DataFrame) -> tuple[int, 
     return lost, doubled
 
 
+class RegistryLink:
+    """An HTTP hop between consumers and the real MLflow server that the test can
+    cut (MLflow down, as the consumer sees it) and restore. It forwards each
+    request as it came, with the Host header MLflow allows (MLflow refuses other
+    Host headers, so a plain TCP relay would not do)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from pipeline.stack.sandbox import free_port
+
+        self.target = settings.mlflow_tracking_uri
+        self.port = free_port(settings.bind_host)
+        self.host = settings.bind_host
+        self.requests = 0
+        self._server: ThreadingHTTPServer | None = None
+        self.up()
+
+    def up(self) -> None:
+        link = self
+
+        class Forward(BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                link.requests += 1
+                length = int(self.headers.get("Content-Length") or 0)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                answer = httpx.request(
+                    self.command, link.target + self.path, headers=headers,
+                    content=self.rfile.read(length) if length else None, timeout=60,
+                )  # fmt: skip
+                self.send_response(answer.status_code)
+                for key, value in answer.headers.items():
+                    if key.lower() not in ("transfer-encoding", "content-encoding", "connection"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer((self.host, self.port), Forward)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        """Nothing listens on the port any more: connections are refused."""
+        assert self._server is not None
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+
+    def close(self) -> None:
+        if self._server is not None:
+            self.down()
+
+
 def _render(rows: dict[str, tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cells) + " |" for _, cells in sorted(rows.items())]
@@ -143,7 +204,10 @@ def fault_table() -> Iterator[list[FaultRow]]:
         return
     text = RELIABILITY_DOC.read_text() if RELIABILITY_DOC.exists() else ""
     table = _parse(text) | {row.fault: row.cells() for row in rows}
-    stamp = f"Last measured {dt.date.today().isoformat()} (`make test-faults`)."
+    stamp = (
+        f"Last measured {dt.date.today().isoformat()} on a {os.cpu_count()}-core machine "
+        "by `make test` (quick faults) or `make test-faults` (all)."
+    )
     block = f"{TABLE_START}\n{_render(table)}\n\n{stamp}\n{TABLE_END}"
     if TABLE_START in text:
         text = re.sub(

@@ -51,12 +51,14 @@ def race(race_export: Path) -> pd.DataFrame:
     return samples
 
 
-def consumer_process(env: dict[str, str], member: str, run: str, **extra_env: str) -> Any:
-    """`f1 consume` until `run` is complete. Its output goes to a file (a pipe
-    nobody reads while it runs would fill up and stall a chatty consumer)."""
+def consumer_process(env: dict[str, str], member: str, run: str | None, **extra_env: str) -> Any:
+    """`f1 consume` until `run` is complete (None: until 15 s without a message).
+    Its output goes to a file (a pipe nobody reads while it runs would fill up
+    and stall a chatty consumer)."""
     output = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed with the test process)
+    until = ["--until-run", run, "--idle-timeout", "120"] if run else ["--idle-timeout", "15"]
     process = subprocess.Popen(
-        [F1, "consume", "--member", member, "--until-run", run, "--idle-timeout", "120"],
+        [F1, "consume", "--member", member, *until],
         env={**env, **extra_env},
         stdout=output,
         stderr=subprocess.STDOUT,

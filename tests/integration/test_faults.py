@@ -39,6 +39,7 @@ from pipeline.sinks import telemetry_db
 from pipeline.stack.sandbox import private_services
 from tests.integration.faults import (
     FaultRow,
+    RegistryLink,
     delivered,
     first_commit_after,
     in_flight,
@@ -344,7 +345,7 @@ def test_samples_out_of_order_and_late_are_stored_and_on_time_windows_exact(
     rng = np.random.default_rng(11)
     send_at = samples["session_time_s"].to_numpy().copy()
     by_car = samples.groupby("driver_number").indices
-    swapped = held = 0
+    swapped = 0
     for rows in by_car.values():
         for i in rng.choice(len(rows) - 1, size=len(rows) // 50, replace=False):
             a, b = rows[i], rows[i + 1]
@@ -352,11 +353,11 @@ def test_samples_out_of_order_and_late_are_stored_and_on_time_windows_exact(
             swapped += 1
         for i in rng.choice(len(rows), size=len(rows) // 200, replace=False):
             send_at[rows[i]] += 30.0
-            held += 1
     order = np.argsort(send_at, kind="stable")
     sender = RawProducer(settings)
-    for sample in (_sample_messages(samples, run)[i] for i in order):
-        sender.sample(sample)
+    messages = _sample_messages(samples, run)
+    for i in order:
+        sender.sample(messages[i])
     sender.end(run)
     output = wait_ok(consumer_process(env, "disorder", run, **SMALL_BATCHES))
     assert f"run {run} complete" in output
@@ -375,7 +376,7 @@ def test_samples_out_of_order_and_late_are_stored_and_on_time_windows_exact(
     lost, doubled = measure_counts(settings, run, samples)
     fault_table.append(
         FaultRow("samples out of order and late, from the producer's side",
-                 f"{swapped} swapped with their car's next, {held} held back 30 s; "
+                 f"{swapped} swapped with their car's next, {len(held_back)} held back 30 s; "
                  f"{late[0]} stored as late", 0, lost, doubled, None)
     )  # fmt: skip
 
@@ -429,7 +430,7 @@ def test_lost_offsets_clash_with_stored_rows_and_are_skipped_not_doubled(
     with telemetry_db.connect(settings) as conn:  # offsets and state gone, rows kept
         conn.execute("DELETE FROM consumer_offsets WHERE group_id = %s", (settings.consumer_group,))
     lost_at, flying = _now(), in_flight(settings)
-    output = wait_ok(consumer_process(env, "rereader", run))
+    output = wait_ok(consumer_process(env, "rereader", None))  # reads it all again
     assert f"{report.delivered:,} duplicates skipped" in output, output[-2000:]
     recovery = first_commit_after(settings, lost_at)
     lost, doubled = measure(settings, run, delivered(report, _slice(race, SLICE_S)))
@@ -532,3 +533,86 @@ def test_default_bounds_are_the_settings() -> None:
     assert fields["max_seq_ahead"].default == config.max_seq_ahead
     assert fields["car_idle_s"].default == config.car_idle_s
     assert fields["idle_cars_kept"].default == config.idle_cars_kept
+
+
+def test_mlflow_down_mid_stream_keeps_the_last_good_model_serving(
+    isolated: tuple[Settings, dict[str, str]], race: pd.DataFrame, fault_table: list[FaultRow]
+) -> None:
+    import mlflow
+    import xgboost
+
+    from pipeline.ml.features import FEATURES
+    from pipeline.ml.registry import scratch_models
+    from pipeline.ml.train import CHAMPION, registered_name
+
+    settings, env = isolated
+    link = RegistryLink(settings)
+    try:
+        with scratch_models(settings, "fault") as models:
+            # A small model of the right shape: this is about serving, not skill.
+            name = registered_name("pit_stop", models)
+            x = np.random.default_rng(3).random((400, len(FEATURES)))
+            booster = xgboost.train(
+                {"objective": "binary:logistic"},
+                xgboost.DMatrix(x, label=x[:, 0] > 0.5, feature_names=list(FEATURES)),
+                num_boost_round=5,
+            )
+            mlflow.set_tracking_uri(models.mlflow_tracking_uri)
+            mlflow.set_experiment(name)
+            with mlflow.start_run(run_name="mlflow down"):
+                info = mlflow.xgboost.log_model(booster, name="model", registered_model_name=name)
+            version = int(info.registered_model_version)
+            mlflow.MlflowClient(models.mlflow_tracking_uri).set_registered_model_alias(
+                name, CHAMPION, str(version)
+            )
+            run = f"mlflow-down-{uuid.uuid4().hex[:6]}"
+            producer = Background(settings, run, speed=8.0, seconds=SLICE_S)
+            served = {**env, "MLFLOW_PORT": str(link.port), "MODEL_REFRESH_S": "0.5",
+                      "MODEL_NAME_PREFIX": models.model_name_prefix}  # fmt: skip
+            consumer = consumer_process(served, "model-keeper", run)
+            _wait_predictions(settings, run, version, at_least=1_000)
+            link.down()
+            down_at, flying, asked = _now(), in_flight(settings), link.requests
+            scored_before = _predictions(settings, run, version)
+            _wait_predictions(settings, run, version, at_least=scored_before + 6_000)
+            link.up()
+            report = producer.result()
+            output = wait_ok(consumer)
+            recovery = first_commit_after(settings, down_at)
+    finally:
+        link.close()
+    assert asked > 0 and "cannot reach the MLflow registry" in output, output[-3000:]
+    with telemetry_db.connect(settings) as conn:
+        versions = dict(
+            conn.execute(
+                "SELECT coalesce(pit_stop_version, -1), count(*) FROM telemetry_predictions "
+                "WHERE run_id = %s GROUP BY 1",
+                (run,),
+            ).fetchall()
+        )
+    assert versions == {version: report.delivered}  # every sample scored, by the one model
+    lost, doubled = measure(settings, run, delivered(report, _slice(race, SLICE_S)))
+    fault_table.append(
+        FaultRow("MLflow down mid-stream",
+                 "the consumer's link to MLflow cut (connections refused) for 6,000+ "
+                 "samples; the last good model kept serving", flying, lost, doubled, recovery)
+    )  # fmt: skip
+
+
+def _predictions(settings: Settings, run: str, version: int) -> int:
+    with telemetry_db.connect(settings) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM telemetry_predictions WHERE run_id = %s "
+            "AND pit_stop_version = %s",
+            (run, version),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _wait_predictions(
+    settings: Settings, run: str, version: int, at_least: int, timeout_s: float = 180
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (count := _predictions(settings, run, version)) < at_least:
+        assert time.monotonic() < deadline, f"{count} of {at_least} predictions by v{version}"
+        time.sleep(0.2)
