@@ -5,6 +5,7 @@ signalling its whole group."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -77,11 +78,20 @@ class ManagedProcess:
     def digest_file(self) -> Path:
         return self.run_dir / f"{self.name}.code"
 
+    def started_with(self) -> str:
+        """What the process takes in once, at start: its command line, environment
+        and code. A new release that changes a flag (say, a security setting)
+        restarts the running process at the next `make up`, rather than leaving
+        the old one serving."""
+        import hashlib
+
+        given = json.dumps([list(self.argv), sorted(self.env.items())], default=str)
+        code = self.code_digest() if self.code_digest is not None else ""
+        return hashlib.sha256((given + code).encode()).hexdigest()
+
     def code_changed(self) -> bool:
-        if self.code_digest is None:
-            return False
         recorded = self.digest_file.read_text() if self.digest_file.exists() else ""
-        return recorded != self.code_digest()
+        return recorded != self.started_with()
 
     @property
     def pid_file(self) -> Path:
@@ -142,8 +152,7 @@ class ManagedProcess:
                 start_new_session=True,  # its own process group: stop signals reach children
             )
         self.pid_file.write_text(str(proc.pid))
-        if self.code_digest is not None:
-            self.digest_file.write_text(self.code_digest())
+        self.digest_file.write_text(self.started_with())
         log.info("%s: started (pid %s), waiting for its health check", self.name, proc.pid)
         if not self.wait_healthy(timeout=self.start_timeout, proc=proc):
             code = proc.poll()

@@ -101,3 +101,18 @@ def test_a_process_whose_code_changed_is_restarted_and_an_unchanged_one_is_not(
         assert proc.pid() != first and not proc.code_changed()
     finally:
         proc.stop()
+
+
+def test_a_process_started_with_other_flags_is_restarted(tmp_path: Path) -> None:
+    # A release that changes a flag (e.g. MLflow's --allowed-hosts) reaches a running stack.
+    proc = _http_server(tmp_path, _free_port())
+    try:
+        assert proc.start() is True
+        first = proc.pid()
+        proc.env = {"SOME_FLAG": "new"}
+        assert proc.code_changed()
+        assert proc.start() is True
+        assert proc.pid() != first and not proc.code_changed()
+        assert proc.start() is False  # and then left alone
+    finally:
+        proc.stop()
