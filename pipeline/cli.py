@@ -358,7 +358,7 @@ def consume(
     import socket
 
     from pipeline.kafka.client import KafkaUnavailable, stop_on_signals
-    from pipeline.kafka.consumer import DatabaseUnavailable, StreamConsumer
+    from pipeline.kafka.consumer import DatabaseUnavailable, DeadLettersUndelivered, StreamConsumer
 
     _setup_logging()
     member = member or f"{socket.gethostname()}-{os.getpid()}"
@@ -367,7 +367,7 @@ def consume(
             report = StreamConsumer(member, stop=stop).run(
                 until_run=until_run, idle_timeout_s=idle_timeout, max_seconds=max_seconds
             )
-        except (KafkaUnavailable, DatabaseUnavailable) as err:
+        except (KafkaUnavailable, DatabaseUnavailable, DeadLettersUndelivered) as err:
             _fail(str(err))
     typer.echo(
         f"{member}: {report.messages:,} messages in {report.batches:,} batches, "

@@ -39,7 +39,10 @@ HEADER_PRODUCED_AT = "produced_at_us"
 
 _MIN_DATE_US = 631_152_000_000_000  # 1990-01-01: before any car data feed
 _MAX_DATE_US = 4_102_444_800_000_000  # 2100-01-01
-Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+# PostgreSQL text cannot hold NUL: a string with one would fail the whole batch's COPY.
+_NO_NUL = r"^[^\x00]*$"
+Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=_NO_NUL)]
+Text = Annotated[str, msgspec.Meta(max_length=64, pattern=_NO_NUL)]
 DriverNumber = Annotated[int, msgspec.Meta(ge=0, le=999)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]  # a PostgreSQL integer
 DateUs = Annotated[int, msgspec.Meta(ge=_MIN_DATE_US, le=_MAX_DATE_US)]
@@ -56,7 +59,7 @@ class TelemetrySample(msgspec.Struct, frozen=True, tag="sample", tag_field="kind
     run_id: Id
     session_key: Id
     driver_number: DriverNumber
-    driver: Annotated[str, msgspec.Meta(max_length=64)]
+    driver: Text
     seq: Seq
     date_us: DateUs
     session_time_s: Annotated[float, msgspec.Meta(ge=-86_400, le=7 * 86_400)]
@@ -69,12 +72,12 @@ class TelemetrySample(msgspec.Struct, frozen=True, tag="sample", tag_field="kind
     drs: Code | None = None  # the source's own DRS code (FastF1: 0-14), for reference
     lap_number: Count | None = None
     stint: Count | None = None
-    compound: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    compound: Text | None = None
     tyre_life: Annotated[float, msgspec.Meta(ge=0, le=1_000)] | None = None
     position: Count | None = None
     is_in_lap: bool = False
     is_out_lap: bool = False
-    track_status: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    track_status: Text | None = None
     resampled: bool = False
 
 
@@ -85,8 +88,8 @@ class EndOfStream(msgspec.Struct, frozen=True, tag="end", tag_field="kind"):
     v: Annotated[int, msgspec.Meta(ge=1, le=SCHEMA_VERSION)]
     run_id: Id
     session_key: Id
-    partition: Annotated[int, msgspec.Meta(ge=0)]
-    samples: Annotated[int, msgspec.Meta(ge=0)]
+    partition: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)]
+    samples: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # a PostgreSQL bigint
 
 
 Message = TelemetrySample | EndOfStream
@@ -126,13 +129,13 @@ def produced_at(message_headers: Any) -> int | None:
     header naming another schema."""
     name = header_value(message_headers, HEADER_SCHEMA)
     if name is not None and name != SCHEMA_NAME.encode():
-        shown = name[:40].decode(errors="replace")
+        shown = as_text(name[:40])
         raise BadHeader(f"header {HEADER_SCHEMA}={shown!r}: this consumer reads {SCHEMA_NAME}")
     raw = header_value(message_headers, HEADER_PRODUCED_AT)
     if raw is None:
         return None
     if not (raw.isdigit() and len(raw) <= 19 and _MIN_DATE_US <= int(raw) <= _MAX_DATE_US):
-        shown = raw[:40].decode(errors="replace")
+        shown = as_text(raw[:40])
         raise BadHeader(
             f"header {HEADER_PRODUCED_AT}={shown!r} is not a wall-clock time in microseconds"
         )
@@ -149,6 +152,11 @@ def headers(source: str, produced_at_us: int) -> list[tuple[str, bytes]]:
         (HEADER_SOURCE, source.encode()),
         (HEADER_PRODUCED_AT, str(produced_at_us).encode()),
     ]
+
+
+def as_text(raw: bytes) -> str:
+    """Bytes from the wire as text PostgreSQL can store (bad UTF-8 and NUL replaced)."""
+    return raw.decode(errors="replace").replace("\x00", "\ufffd")
 
 
 def header_value(message_headers: Any, name: str) -> bytes | None:

@@ -106,10 +106,10 @@ class Settings(BaseSettings):
         16_384, description="Bigger telemetry messages are dead-lettered as oversized."
     )
     max_event_time_ahead_s: float = Field(
-        3_600.0,
+        60.0,
         gt=0,
-        description="A sample dated further ahead of its run's clock is dead-lettered "
-        "(it would move the watermark for good).",
+        description="A sample dated further ahead of its car's previous one (and of its run's "
+        "clock) is dead-lettered: it would move the watermark for good.",
     )
     max_seq_ahead: int = Field(
         100_000,

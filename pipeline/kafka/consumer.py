@@ -67,7 +67,6 @@ class ConsumeReport:
     clashes: int = 0  # rows (not samples) skipped because their key was stored already
     state_resets: int = 0
     db_retries: int = 0
-    idle_cars: int = 0
     seconds: float = 0.0
     stop_reason: str = ""
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
@@ -193,14 +192,14 @@ class StreamConsumer:
             log.warning("%s: Kafka client reported %s", self.member, error)
 
     # --- the database, through outages ---------------------------------------------------
-    def _with_database(self, what: str, work: Any) -> Any:
+    def _with_database(self, what: str, work: Any, *, deadline: float | None = None) -> Any:
         """Run `work(conn)`; on a lost connection, reconnect with backoff and run
         it again, for up to `db_retry_s` (the consumer stays in its group: the
         client's heartbeats go on, and nothing is polled meanwhile). A failed
         transaction was rolled back, so running it again is safe."""
         import psycopg
 
-        deadline = time.monotonic() + self.settings.db_retry_s
+        deadline = deadline or time.monotonic() + self.settings.db_retry_s
         delay = 0.5
         while True:
             try:
@@ -320,9 +319,6 @@ class StreamConsumer:
             self._rejoin(err)
             return
         self.report.windows += len(windows)
-        self.report.idle_cars += sum(
-            1 for s in self.states.values() for c in s.cars.values() if c.idle
-        )
 
     def _rejoin(self, err: Exception) -> None:
         # Presumed dead and replaced: drop everything and rejoin from the stored offsets.
@@ -354,21 +350,29 @@ class StreamConsumer:
         for partition, end in decoded.ends:
             result.windows += batch_logic.end_run(self.states[partition], end.run_id, self.window)
         lags = self._lags()
-        idle_windows, _ = batch_logic.close_idle(
+        idle_windows, idled = batch_logic.close_idle(
             self.states, self.window, now_us=now_us,
             caught_up={p for p, lag in lags.items() if lag == 0},
         )  # fmt: skip
         result.windows += idle_windows
+        # Partitions that closed idle cars but had no message: their state (and
+        # epoch check) goes in the same commit, at their stored offsets.
+        resting = {
+            p: offset
+            for p in idled - next_offsets.keys()
+            if (offset := self.offsets.get(p)) is not None
+        }
         scored = {}
         if len(result.samples) and result.features is not None:
             scored = {s.table: s.score(result.samples, result.features) for s in self.scorers or ()}
         dead_rows = self._dead_letter(decoded.dead)
         commits = [
             telemetry_db.PartitionCommit(p, offset, self.epochs[p], self.states[p].encode())
-            for p, offset in sorted(next_offsets.items())
+            for p, offset in sorted({**resting, **next_offsets}.items())
         ]
         new_runs = [(run, *where) for run, where in decoded.new_runs.items()]
         faults.point(self.settings, faults.BEFORE_COMMIT)
+        deadline = time.monotonic() + self.settings.db_retry_s  # one budget per batch
         try:
             skipped = self._with_database(
                 "committing a batch",
@@ -385,6 +389,7 @@ class StreamConsumer:
                     extra_tables=scored,
                     new_runs=new_runs,
                 ),
+                deadline=deadline,
             )
         except telemetry_db.Fenced as err:
             self._rejoin(err)
@@ -395,6 +400,7 @@ class StreamConsumer:
         # Samples whose key was stored already are duplicates like any resend.
         clashed_samples = skipped.pop("telemetry_samples", 0)
         result.duplicates += clashed_samples
+        stored = len(result.samples) - clashed_samples
         clashes = clashed_samples + sum(skipped.values())
         if clashes:
             log.warning("%s: %d rows already stored were skipped (%s samples)",
@@ -416,7 +422,7 @@ class StreamConsumer:
             r.latencies_ms += latency_ms.tolist()
         r.batches += 1
         r.messages += len(messages)
-        r.samples += len(result.samples)
+        r.samples += stored
         r.dead_letters += len(decoded.dead)
         r.duplicates += result.duplicates
         r.late += result.late
@@ -443,7 +449,7 @@ class StreamConsumer:
             ),
             "partitions": sorted(self.states),
             "messages": len(messages),
-            "samples": len(result.samples),
+            "samples": stored,
             "duplicates": result.duplicates,
             "late": result.late,
             "anomalies": anomalies,
@@ -464,6 +470,7 @@ class StreamConsumer:
             lambda conn: telemetry_db.record_metrics(
                 conn, metrics, notify=(self.settings.live_channel, update) if update else None
             ),
+            deadline=deadline,
         )
 
     def _decode(self, messages: list[Message]) -> tuple[_Decoded, dict[int, int]]:
@@ -505,7 +512,7 @@ class StreamConsumer:
                 source = schema.header_value(message.headers(), schema.HEADER_SOURCE)
                 decoded.new_runs[value.run_id] = (
                     value.session_key,
-                    source.decode(errors="replace")[:100] if source else "unknown",
+                    schema.as_text(source[:100]) if source else "unknown",
                 )
             decoded.samples.append(value)
             decoded.meta.append((partition, offset, produced))
@@ -519,6 +526,7 @@ class StreamConsumer:
             return []
         assert self._dead_letter_producer is not None
         rows = []
+        undelivered = _Undelivered()
         for message, error_class, reason in dead:
             self.report.dead_letter_reasons[error_class] += 1
             raw = message.value() or b""
@@ -531,16 +539,28 @@ class StreamConsumer:
                 ("consumer", self.member.encode()),
             ]
             self._dead_letter_producer.produce(
-                self.settings.dead_letter_topic, raw, key, headers=headers
-            )
+                self.settings.dead_letter_topic, raw, key, headers=headers,
+                on_delivery=undelivered.record,
+            )  # fmt: skip
+            reason = reason.replace("\x00", "\ufffd")
             rows.append(
                 (self.member, message.topic(), message.partition(), message.offset(),
-                 key.decode(errors="replace") if key else None, error_class, reason, len(raw),
+                 schema.as_text(key) if key else None, error_class, reason, len(raw),
                  raw[:PAYLOAD_HEAD_BYTES])
             )  # fmt: skip
-        remaining = self._dead_letter_producer.flush(30)
-        if remaining:
-            raise RuntimeError(f"{remaining} dead letters not delivered; not committing")
+        # Delivered before the batch commits, or the batch is not committed: wait
+        # out a broker blip (the idempotent producer retries), then give up loudly.
+        deadline = time.monotonic() + self.settings.db_retry_s
+        while self._dead_letter_producer.flush(5.0) and time.monotonic() < deadline:
+            log.warning("%s: waiting for %d dead letters to be delivered",
+                        self.member, len(self._dead_letter_producer))  # fmt: skip
+        failed = undelivered.failed + len(self._dead_letter_producer)
+        if failed:
+            raise DeadLettersUndelivered(
+                f"{failed} dead letters not delivered to {self.settings.dead_letter_topic} "
+                f"({undelivered.error}); the batch was not committed, a restarted consumer "
+                "reads it again. Check the broker (`make status`)."
+            )
         return rows
 
     def _lags(self) -> dict[int, int | None]:
@@ -564,6 +584,23 @@ class RunIncomplete(RuntimeError):
 
 class DatabaseUnavailable(RuntimeError):
     pass
+
+
+class DeadLettersUndelivered(RuntimeError):
+    pass
+
+
+@dataclass
+class _Undelivered:
+    """Delivery reports of one batch's dead letters."""
+
+    failed: int = 0
+    error: str = ""
+
+    def record(self, err: Any, message: Any) -> None:
+        if err is not None:
+            self.failed += 1
+            self.error = str(err)
 
 
 def verify_run(

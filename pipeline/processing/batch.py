@@ -35,7 +35,7 @@ ENDED_RUNS_KEPT = 50
 STATE_VERSION = 2
 
 OUT_OF_BOUNDS = "out_of_bounds"
-# Out-of-order seqs remembered per car (gaps below its highest seq).
+# Gaps below a car's highest seq remembered per car (ranges of seqs not seen yet).
 MISSING_KEPT = 256
 
 
@@ -55,7 +55,8 @@ class CarState(msgspec.Struct):
     feature_history: dict[str, list[float]] = {}  # the models' rolling inputs (ml.features)
     seen_wall_us: int = 0  # wall clock of the batch that last had a sample of the car
     idle: bool = False  # silent past the idle time: windows closed, history dropped
-    missing: list[int] = []  # seqs below last_seq not seen yet (out of order), ascending
+    # Seqs below last_seq not seen yet (out of order): flat [lo, hi) pairs, ascending.
+    missing: list[int] = []
 
 
 class PartitionState(msgspec.Struct):
@@ -79,7 +80,7 @@ class WindowConfig:
     allowed_lateness_s: float = 2.0
     gap_s: float = 1.0
     # Bounds relative to the stream (see `_out_of_bounds`) and idle cars (`close_idle`).
-    max_event_time_ahead_s: float = 3_600.0
+    max_event_time_ahead_s: float = 60.0
     max_seq_ahead: int = 100_000
     car_idle_s: float = 60.0
     idle_cars_kept: int = 100
@@ -204,11 +205,12 @@ def process(
 def _fresh(seq: np.ndarray, car: CarState) -> np.ndarray:
     """Which of a car's samples (in arrival order) are new; updates its seqs.
 
-    A resend repeats a seq already seen: at or below the highest one, and not
-    one of the gaps still open below it (`car.missing`, so a sample that comes
-    out of order is new, not a duplicate). Only the newest MISSING_KEPT gaps are
-    remembered: a straggler older than those is taken for a resend (and counted
-    as a duplicate), as a resend is far likelier."""
+    A resend repeats a seq already seen: at or below the highest one, and not in
+    one of the gaps still open below it (`car.missing`, `[lo, hi)` ranges), so a
+    sample that comes out of order is new, not a duplicate. A jump of any size
+    costs one range, so a wild seq cannot make the car's next samples look like
+    resends. Only the newest MISSING_KEPT ranges are remembered: a straggler
+    older than those is taken for a resend (and counted as a duplicate)."""
     import numpy as np
 
     top = car.last_seq
@@ -218,20 +220,32 @@ def _fresh(seq: np.ndarray, car: CarState) -> np.ndarray:
     _, first = np.unique(seq, return_index=True)
     once = np.zeros(len(seq), dtype=bool)
     once[first] = True  # the first of repeats within the batch
-    missing = np.asarray(car.missing, dtype=np.int64)
-    fresh = once & ((seq > top) | np.isin(seq, missing))
+    in_gap = np.zeros(len(seq), dtype=bool)
+    gaps = np.asarray(car.missing, dtype=np.int64).reshape(-1, 2)
+    if len(gaps):
+        at = np.searchsorted(gaps[:, 0], seq, side="right") - 1
+        inside = at >= 0
+        in_gap[inside] = seq[inside] < gaps[at[inside], 1]
+    fresh = once & ((seq > top) | in_gap)
+    ranges = [(int(lo), int(hi)) for lo, hi in gaps]
+    for value in np.sort(seq[fresh & in_gap]).tolist():  # gaps filled (out-of-order samples)
+        ranges = [part for lo, hi in ranges for part in _without(lo, hi, value)]
     above = np.unique(seq[seq > top])
-    if len(above):  # the gaps this batch opened above the old top, newest first
+    if len(above):  # the gaps this batch opened above the old top
         steps = np.concatenate(([top], above))
-        opened: list[np.ndarray] = []
-        for i in np.flatnonzero(np.diff(steps) > 1)[::-1].tolist():
-            opened.append(np.arange(max(steps[i] + 1, steps[i + 1] - MISSING_KEPT), steps[i + 1]))
-            if sum(map(len, opened)) >= MISSING_KEPT:
-                break
-        missing = np.concatenate((missing, *opened[::-1]))
-    car.missing = np.setdiff1d(missing, seq[fresh])[-MISSING_KEPT:].tolist()
+        ranges += [
+            (int(steps[i]) + 1, int(steps[i + 1])) for i in np.flatnonzero(np.diff(steps) > 1)
+        ]
+    car.missing = [bound for pair in ranges[-MISSING_KEPT:] for bound in pair]
     car.last_seq = max(top, int(seq.max()))
     return fresh
+
+
+def _without(lo: int, hi: int, value: int) -> list[tuple[int, int]]:
+    """The range [lo, hi) with `value` taken out (zero, one or two ranges)."""
+    if not lo <= value < hi:
+        return [(lo, hi)]
+    return [(a, b) for a, b in ((lo, value), (value + 1, hi)) if a < b]
 
 
 def _car_edges(frame: pd.DataFrame) -> list[int]:
@@ -245,27 +259,39 @@ def _car_edges(frame: pd.DataFrame) -> list[int]:
 
 
 def _run_clocks(state: PartitionState) -> dict[str, tuple[int | None, int]]:
-    """run_id -> (latest event time, highest seq) over the run's cars in a partition."""
-    clocks: dict[str, tuple[int | None, int]] = {}
+    """run_id -> (its cars' event time, its highest seq) in a partition. The
+    median once three or more cars have one (the latest is one car's wild clock
+    away from wrong), else the latest."""
+    import numpy as np
+
+    dates: dict[str, list[int]] = {}
+    seqs: dict[str, int] = {}
     for car in state.cars.values():
-        date, seq = clocks.get(car.run_id, (None, -1))
+        seqs[car.run_id] = max(seqs.get(car.run_id, -1), car.last_seq)
         if car.max_date_us is not None:
-            date = car.max_date_us if date is None else max(date, car.max_date_us)
-        clocks[car.run_id] = (date, max(seq, car.last_seq))
+            dates.setdefault(car.run_id, []).append(car.max_date_us)
+    clocks: dict[str, tuple[int | None, int]] = {}
+    for run, seq in seqs.items():
+        times = dates.get(run, [])
+        clock = None if not times else max(times) if len(times) < 3 else int(np.median(times))
+        clocks[run] = (clock, seq)
     return clocks
 
 
 def _out_of_bounds(
     frame: pd.DataFrame, states: dict[int, PartitionState], config: WindowConfig
 ) -> dict[int, str]:
-    """Samples too far ahead of the stream to be true, with the reason (index:
-    row of `frame` -> reason). Such a sample would move its car's watermark, or its seq,
-    for good: every later sample would look late, or like a duplicate.
+    """Samples too far ahead of the stream to be true (row of `frame` -> reason).
+    Such a sample would move its car's watermark, or its seq, for good: every
+    later sample would look late, or like a resend.
 
-    The reference is the stream as this partition knows it: the car's own seq
-    (for a new car, the highest of its run's other cars), and its run's latest
-    event time. With no history at all (a run's first batch), the batch's own
-    median of the run stands in, so one wild sample among true ones is caught."""
+    Event time: each sample against the latest accepted one before it, starting
+    from the car's own clock or its run's (the median of the run's cars here),
+    whichever is later. Where the run's samples in the batch (three or more)
+    agree on a later time, the run moved as a whole (a feed resumed after a
+    pause) and their median is the reference. A run's very first samples with
+    none of that to go by are taken as they come. Seq: against the car's own,
+    or for a new car its run's highest."""
     import numpy as np
 
     ahead_us = config.max_event_time_ahead_s * 1e6
@@ -276,27 +302,43 @@ def _out_of_bounds(
     car_values = frame["car"].to_numpy()
     reasons: dict[int, str] = {}
     clocks = {p: _run_clocks(states[p]) for p in {int(x) for x in np.unique(partition)}}
-    medians: dict[tuple[int, str], tuple[float, float]] = {}
+    in_batch: dict[tuple[int, str], tuple[float | None, float | None]] = {}
     for lo, hi in itertools.pairwise(_car_edges(frame)):
         p, run_id = int(partition[lo]), str(run[lo])
         car = states[p].cars.get(str(car_values[lo]))
-        known_date, known_seq = clocks[p].get(run_id, (None, -1))
-        if (known_date is None or known_seq < 0) and (p, run_id) not in medians:
+        run_date, run_seq = clocks[p].get(run_id, (None, -1))
+        if (p, run_id) not in in_batch:
             rows = (partition == p) & (run == run_id)
-            medians[(p, run_id)] = (
-                float(np.median(date_us[rows])),
-                float(np.median(seq[rows])),
+            enough = rows.sum() >= 3  # a median of three outvotes one wild sample
+            in_batch[(p, run_id)] = (
+                float(np.median(date_us[rows])) if enough else None,
+                float(np.median(seq[rows])) if enough else None,
             )
-        run_date = known_date if known_date is not None else medians[(p, run_id)][0]
-        run_seq = known_seq if known_seq >= 0 else medians[(p, run_id)][1]
+        batch_date, batch_seq = in_batch[(p, run_id)]
+        known = [t for t in (car.max_date_us if car else None, run_date) if t is not None]
+        ref: float | None = max(known) if known else None
+        if batch_date is not None and (ref is None or batch_date > ref + ahead_us):
+            ref = batch_date
+        dates = date_us[lo:hi].astype(float)
+        too_late = np.zeros(hi - lo, dtype=bool)
+        for _ in range(8):  # each sample against the accepted ones before it
+            accepted = np.where(too_late, -np.inf, dates)
+            start = dates[0] if ref is None else ref
+            before = np.maximum.accumulate(np.concatenate(([start], accepted)))[:-1]
+            flagged = dates > before + ahead_us
+            if (flagged == too_late).all():
+                break
+            too_late = flagged
         seq_ref = car.last_seq if car is not None and car.last_seq >= 0 else run_seq
-        too_late = date_us[lo:hi] > run_date + ahead_us
-        too_far = seq[lo:hi] > seq_ref + config.max_seq_ahead
+        if seq_ref < 0 and batch_seq is not None:
+            seq_ref = int(batch_seq)
+        too_far = seq[lo:hi] > seq_ref + config.max_seq_ahead if seq_ref >= 0 else too_late & False
         for i in np.flatnonzero(too_late | too_far).tolist():
             if too_late[i]:
                 reasons[lo + i] = (
-                    f"event time {(date_us[lo + i] - run_date) / 1e6:.0f} s ahead of run "
-                    f"{run_id}'s clock (the most is {config.max_event_time_ahead_s:g} s)"
+                    f"event time {(date_us[lo + i] - (ref or dates[0])) / 1e6:.0f} s ahead of "
+                    f"car {car_values[lo]}'s clock (the most is "
+                    f"{config.max_event_time_ahead_s:g} s)"
                 )
             else:
                 reasons[lo + i] = (

@@ -450,7 +450,7 @@ def test_a_sample_dated_far_ahead_is_refused_and_the_car_stays_on_time() -> None
     wild = synthetic_car([10.25, 86_400 * 365, 10.5], first_seq=41)  # one a year ahead
     [result] = run_batches([wild], states, config)
     assert [(p, o) for p, o, _ in result.rejected] == [(1, 1)]  # car 1: partition 1
-    assert "ahead of run synthetic@test's clock" in result.rejected[0][2]
+    assert "ahead of car synthetic@test:1's clock" in result.rejected[0][2]
     assert result.samples["seq"].tolist() == [41, 43]  # stored, neither late nor duplicate
     assert result.late == 0 and result.duplicates == 0
     [after] = run_batches([synthetic_car([10.75, 11.0], first_seq=44)], states, config)
@@ -568,7 +568,61 @@ def test_a_gap_stays_open_for_its_sample_within_a_bound() -> None:
     without = frame[frame["seq"] != 100]
     run_batches([without], states, WindowConfig())
     car = states[1].cars[f"{SYNTHETIC_RUN}:1"]
-    assert car.missing == [100] and car.last_seq == 599
+    assert car.missing == [100, 101] and car.last_seq == 599  # the range [100, 101)
     [straggler] = run_batches([frame[frame["seq"] == 100]], states, WindowConfig())
     assert len(straggler.samples) == 1 and straggler.late == 1  # its window had closed
     assert not car.missing
+
+
+def test_a_wild_seq_under_the_bound_costs_no_true_sample() -> None:
+    # One glitch jumps the car's seq by 1,000; the true samples after it fill the gap.
+    states = new_states()
+    run_batches([synthetic_car(np.arange(100) * 0.25)], states, WindowConfig())
+    wild = synthetic_car([25.0], first_seq=1_100)
+    true = synthetic_car(np.arange(100, 1_100) * 0.25, first_seq=100)
+    results = run_batches([wild, *cut(true, range(0, 1_000, 97))], states, WindowConfig())
+    assert sum(r.duplicates for r in results) == 0
+    assert sum(len(r.samples) for r in results) == 1 + 1_000
+    assert states[1].cars[f"{SYNTHETIC_RUN}:1"].missing == []
+
+
+def test_dedupe_matches_a_set_of_seen_seqs_on_random_orders() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        car = batch.CarState(run_id="r", session_key="s", driver_number=1, driver="X")
+        seen: set[int] = set()
+        seqs = rng.permutation(60)[: rng.integers(1, 60)]
+        seqs = np.concatenate((seqs, rng.choice(seqs, size=10)))  # resends too
+        for part in np.array_split(seqs, rng.integers(1, 8)):
+            if not len(part):
+                continue
+            fresh = batch._fresh(part.astype(np.int64), car)
+            expected = []
+            for value in part.tolist():
+                expected.append(value not in seen)
+                seen.add(value)
+            assert fresh.tolist() == expected
+
+
+def test_one_car_far_ahead_moves_neither_its_run_nor_the_other_cars() -> None:
+    states = new_states()
+    cars = [synthetic_car(np.arange(41) * 0.25, driver_number=d) for d in (1, 5, 9)]
+    run_batches([pd.concat(cars, ignore_index=True)], states, WindowConfig())  # 0 .. 10 s
+    glitch = synthetic_car([610.0], first_seq=41, driver_number=1)  # 10 minutes ahead
+    next_ones = [synthetic_car([10.25, 10.5], first_seq=41, driver_number=d) for d in (5, 9)]
+    [result] = run_batches([pd.concat([glitch, *next_ones], ignore_index=True)], states,
+                           WindowConfig())  # fmt: skip
+    assert len(result.rejected) == 1 and result.late == 0
+    windows, changed = batch.close_idle(states, WindowConfig(), now_us=0, caught_up=set())
+    assert not windows and not changed  # nobody looks silent
+
+
+def test_a_whole_run_resuming_later_is_taken_as_it_is() -> None:
+    # The feed paused for two hours and all its cars resume: that is the new clock.
+    states = new_states()
+    cars = [synthetic_car(np.arange(41) * 0.25, driver_number=d) for d in (1, 5, 9)]
+    run_batches([pd.concat(cars, ignore_index=True)], states, WindowConfig())
+    later = [synthetic_car(7_200 + np.arange(4) * 0.25, first_seq=41, driver_number=d)
+             for d in (1, 5, 9)]  # fmt: skip
+    [result] = run_batches([pd.concat(later, ignore_index=True)], states, WindowConfig())
+    assert not result.rejected and len(result.samples) == 12 and result.late == 0
