@@ -7,9 +7,9 @@ longer current (a consumer that was presumed dead and replaced) is rolled back,
 so two processes can never both write the same messages.
 
 A row whose key is already stored (offsets lost, a car's state forgotten or
-split over two partitions) never fails the batch: the COPY runs in a savepoint,
-and on a key clash the batch is written again through a staging table with
-`ON CONFLICT DO NOTHING`. The stored row wins, the skipped ones are counted
+split over two partitions) never fails the batch: the COPYs run in one
+savepoint, and on a key clash the batch's rows are written again through
+staging tables with `ON CONFLICT DO NOTHING`. The stored row wins, the skipped ones are counted
 (samples as duplicates), and exactly once still holds. Clashes are rare, so the
 fast path stays a plain COPY.
 
@@ -291,35 +291,41 @@ def _copy(
             copy.write_row(row)
 
 
-def _copy_new(
-    conn: psycopg.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
-) -> int:
-    """COPY rows into `table`, skipping those whose key is already stored (or
-    repeated within `rows`: the first wins). Returns how many were skipped."""
+def _copy_tables(
+    conn: psycopg.Connection, tables: list[tuple[str, Sequence[str], list[Any]]]
+) -> dict[str, int]:
+    """COPY each (table, columns, rows), skipping rows whose key is already
+    stored (or repeated within the rows: the first wins). Returns, per table,
+    how many were skipped. One savepoint for all of them: a clash undoes only
+    the COPYs, which are then written again through staging tables."""
     import psycopg
 
-    rows = list(rows)
     try:
-        with conn.transaction():  # a savepoint: a clash undoes only this COPY
-            _copy(conn, table, columns, rows)
-        return 0
+        with conn.transaction():
+            for table, columns, rows in tables:
+                _copy(conn, table, columns, rows)
+        return {}
     except psycopg.errors.UniqueViolation:
         pass
-    staging = sql.Identifier(f"staging_{table}")
-    names = sql.SQL(", ").join(map(sql.Identifier, columns))
-    conn.execute(
-        sql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        ).format(staging, sql.Identifier(table))
-    )
-    conn.execute(sql.SQL("DELETE FROM {}").format(staging))
-    _copy(conn, f"staging_{table}", columns, rows)
-    inserted = conn.execute(
-        sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING").format(
-            sql.Identifier(table), names, names, staging
+    skipped = {}
+    for table, columns, rows in tables:
+        staging = sql.Identifier(f"staging_{table}")
+        names = sql.SQL(", ").join(map(sql.Identifier, columns))
+        conn.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) "
+                "ON COMMIT DELETE ROWS"
+            ).format(staging, sql.Identifier(table))
         )
-    ).rowcount
-    return len(rows) - inserted
+        conn.execute(sql.SQL("DELETE FROM {}").format(staging))
+        _copy(conn, f"staging_{table}", columns, rows)
+        inserted = conn.execute(
+            sql.SQL("INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING").format(
+                sql.Identifier(table), names, names, staging
+            )
+        ).rowcount
+        skipped[table] = len(rows) - inserted
+    return skipped
 
 
 def _timestamps(micros: Any) -> Any:
@@ -389,24 +395,24 @@ def commit_batch(
                 "VALUES (%s, %s, %s, %s) ON CONFLICT (run_id) DO NOTHING",
                 [(*run, topic) for run in new_runs],
             )
+        tables: list[tuple[str, Sequence[str], list[Any]]] = []
         if len(samples):
-            skipped["telemetry_samples"] = _copy_new(
-                conn, "telemetry_samples", SAMPLE_COLUMNS, sample_rows(samples)
-            )
+            tables.append(("telemetry_samples", SAMPLE_COLUMNS, list(sample_rows(samples))))
         if len(events):
             frame = events.assign(event_time=_timestamps(events["date_us"]))
-            skipped["anomaly_events"] = _copy_new(
-                conn, "anomaly_events", EVENT_COLUMNS,
-                frame[list(EVENT_COLUMNS)].itertuples(index=False, name=None),
-            )  # fmt: skip
+            rows = list(frame[list(EVENT_COLUMNS)].itertuples(index=False, name=None))
+            tables.append(("anomaly_events", EVENT_COLUMNS, rows))
         if windows:
-            skipped["telemetry_windows"] = _copy_new(
-                conn, "telemetry_windows", WINDOW_COLUMNS, (_window_values(w) for w in windows)
+            tables.append(
+                ("telemetry_windows", WINDOW_COLUMNS, [_window_values(w) for w in windows])
             )
         if dead_letters:
-            skipped["dead_letters"] = _copy_new(
-                conn, "dead_letters", DEAD_LETTER_COLUMNS, dead_letters
-            )
+            tables.append(("dead_letters", DEAD_LETTER_COLUMNS, dead_letters))
+        for table, frame in (extra_tables or {}).items():  # e.g. the models' predictions
+            if len(frame):
+                tables.append((table, list(frame.columns), list(plain_rows(frame))))
+        if tables:
+            skipped = _copy_tables(conn, tables)
         if run_ends:  # a retried producer ends its run again: the latest count wins
             conn.cursor().executemany(
                 "INSERT INTO stream_run_ends (run_id, topic_partition, samples) "
@@ -414,9 +420,6 @@ def commit_batch(
                 "DO UPDATE SET samples = EXCLUDED.samples, committed_at = now()",
                 run_ends,
             )
-        for table, frame in (extra_tables or {}).items():  # e.g. the models' predictions
-            if len(frame):
-                skipped[table] = _copy_new(conn, table, list(frame.columns), plain_rows(frame))
     return {table: n for table, n in skipped.items() if n}
 
 

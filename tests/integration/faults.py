@@ -76,14 +76,14 @@ def in_flight(settings: Settings) -> int:
 
 
 def first_commit_after(settings: Settings, moment: dt.datetime, timeout_s: float = 300) -> float:
-    """Seconds from `moment` to the group's first batch with samples committed
+    """Seconds from `moment` to the group's first batch of messages committed
     after it (waits for one)."""
     deadline = time.monotonic() + timeout_s
     with telemetry_db.connect(settings, autocommit=True) as conn:
         while True:
             row = conn.execute(
                 "SELECT min(recorded_at) FROM stream_metrics "
-                "WHERE group_id = %s AND recorded_at > %s AND samples > 0",
+                "WHERE group_id = %s AND recorded_at > %s AND messages > 0",
                 (settings.consumer_group, moment),
             ).fetchone()
             if row and row[0] is not None:

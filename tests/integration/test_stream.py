@@ -22,7 +22,14 @@ from confluent_kafka import Consumer, Producer
 from pipeline import schema
 from pipeline.kafka.consumer import StreamConsumer
 from pipeline.kafka.producer import produce_session
-from pipeline.kafka.topics import TopicMismatch, admin_client, describe, provision, topic_specs
+from pipeline.kafka.topics import (
+    TopicMismatch,
+    admin_client,
+    describe,
+    provision,
+    scratch_topics,
+    topic_specs,
+)
 from pipeline.settings import Settings
 from pipeline.sinks import telemetry_db
 from pipeline.stack import airflow_server
@@ -241,3 +248,30 @@ def test_the_reader_role_reads_stream_tables_but_cannot_change_them(stack: Setti
         conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("DELETE FROM telemetry_samples")
+
+
+def test_scratch_rows_go_even_for_runs_no_producer_of_ours_registered(stack: Settings) -> None:
+    # A raw producer (a test's, a game bridge's) writes no stream_runs row; the
+    # consumer records each run it stores with its topic, so cleaning up finds it.
+    run = f"unregistered-{uuid.uuid4().hex[:6]}"
+    sample = schema.TelemetrySample(
+        v=schema.SCHEMA_VERSION, run_id=run, session_key=RACE, driver_number=1, driver="VER",
+        seq=0, date_us=1_685_275_200_000_000, session_time_s=0.0, speed=100.0, rpm=9_000.0,
+        gear=4, throttle=50.0, brake=0.0, drs_open=False,
+    )  # fmt: skip
+    with scratch_topics(stack, "test-cleanup") as settings:
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers})
+        producer.produce(settings.telemetry_topic, schema.encode(sample), b"2023_Monaco_R:1")
+        assert producer.flush(10) == 0
+        report = StreamConsumer("cleanup", settings=settings).run(idle_timeout_s=5)
+        assert report.samples == 1
+        with telemetry_db.connect(settings) as conn:
+            topic = conn.execute(
+                "SELECT topic FROM stream_runs WHERE run_id = %s", (run,)
+            ).fetchone()
+        assert topic == (settings.telemetry_topic,)
+    with telemetry_db.connect(stack) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM telemetry_samples WHERE run_id = %s", (run,)
+        ).fetchone()
+    assert left == (0,)
