@@ -566,7 +566,7 @@ def test_mlflow_down_mid_stream_keeps_the_last_good_model_serving(
                 name, CHAMPION, str(version)
             )
             run = f"mlflow-down-{uuid.uuid4().hex[:6]}"
-            producer = Background(settings, run, speed=8.0, seconds=SLICE_S)
+            producer = Background(settings, run, speed=8.0, seconds=2 * SLICE_S)
             served = {**env, "MLFLOW_PORT": str(link.port), "MODEL_REFRESH_S": "0.5",
                       "MODEL_NAME_PREFIX": models.model_name_prefix}  # fmt: skip
             consumer = consumer_process(served, "model-keeper", run)
@@ -576,12 +576,25 @@ def test_mlflow_down_mid_stream_keeps_the_last_good_model_serving(
             scored_before = _predictions(settings, run, version)
             _wait_predictions(settings, run, version, at_least=scored_before + 6_000)
             link.up()
+            # Then a version the stream cannot feed becomes champion: refused, v1 kept.
+            other = xgboost.DMatrix(x[:, :3], label=x[:, 0] > 0.5, feature_names=["a", "b", "c"])
+            with mlflow.start_run(run_name="wrong features"):
+                odd = mlflow.xgboost.log_model(
+                    xgboost.train({"objective": "binary:logistic"}, other, num_boost_round=2),
+                    name="model", registered_model_name=name,
+                )  # fmt: skip
+            mlflow.MlflowClient(models.mlflow_tracking_uri).set_registered_model_alias(
+                name, CHAMPION, str(odd.registered_model_version)
+            )
+            moved_at = _predictions(settings, run, version)
+            _wait_predictions(settings, run, version, at_least=moved_at + 3_000)
             report = producer.result()
             output = wait_ok(consumer)
             recovery = first_commit_after(settings, down_at)
     finally:
         link.close()
     assert asked > 0 and "cannot reach the MLflow registry" in output, output[-3000:]
+    assert f"refusing {name} v{odd.registered_model_version}" in output, output[-3000:]
     with telemetry_db.connect(settings) as conn:
         versions = dict(
             conn.execute(
@@ -591,11 +604,13 @@ def test_mlflow_down_mid_stream_keeps_the_last_good_model_serving(
             ).fetchall()
         )
     assert versions == {version: report.delivered}  # every sample scored, by the one model
-    lost, doubled = measure(settings, run, delivered(report, _slice(race, SLICE_S)))
+    lost, doubled = measure(settings, run, delivered(report, _slice(race, 2 * SLICE_S)))
     fault_table.append(
-        FaultRow("MLflow down mid-stream",
+        FaultRow("MLflow down mid-stream, then a champion with the wrong features",
                  "the consumer's link to MLflow cut (connections refused) for 6,000+ "
-                 "samples; the last good model kept serving", flying, lost, doubled, recovery)
+                 "samples, then `champion` moved to a version of other features: both times "
+                 "the last good model kept serving every sample", flying, lost, doubled,
+                 recovery)
     )  # fmt: skip
 
 
