@@ -29,8 +29,8 @@ status:  ## each service: running, healthy, URL
 test: install  ## the test suite (starts the stack if needed, stops what it started)
 	@.venv/bin/pytest
 
-test-faults: install  ## every fault test, the long ones too (private broker and database)
-	@.venv/bin/pytest -m faults tests/integration/test_faults.py
+test-faults: install  ## every fault test, the long ones too (private broker, database, Airflow)
+	@.venv/bin/pytest -m faults tests/integration/test_faults.py tests/integration/test_airflow_faults.py
 
 lint: install  ## ruff and mypy
 	@.venv/bin/ruff check . && .venv/bin/ruff format --check . && .venv/bin/mypy

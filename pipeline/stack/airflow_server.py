@@ -148,8 +148,12 @@ def plugin_code_digest() -> str:
     return digest.hexdigest()
 
 
-def processes(settings: Settings) -> list[ManagedProcess]:
-    env = environment(settings)
+def processes(settings: Settings, task_env: dict[str, str] | None = None) -> list[ManagedProcess]:
+    """The four components. `task_env`: more variables for them and so for the tasks
+    they run (a private Airflow's tasks are told the private ports and scratch
+    topics this way); the shared stack passes none, so its environment, and the
+    digest a running component was started with, stay as they are."""
+    env = {**environment(settings), **(task_env or {})}
     run_dir = settings.stack_dir / "run"
     extra_args = {
         "api-server": ["--host", settings.bind_host, "--port", str(settings.airflow_port),

@@ -1,6 +1,6 @@
-"""Private services for destructive tests: a Kafka broker and/or a PostgreSQL
-cluster of their own, in a fresh temporary stack folder on free ports, started by
-the same code as the shared stack, and stopped and removed afterwards.
+"""Private services for destructive tests: a Kafka broker, a PostgreSQL cluster
+and/or an Airflow of their own, in a fresh temporary stack folder on free ports,
+started by the same code as the shared stack, and stopped and removed afterwards.
 
 A test that kills a broker, stops the database or damages a data folder does it
 to these, never to the shared stack a demo may be running on:
@@ -14,6 +14,18 @@ to these, never to the shared stack a demo may be running on:
 Only the services in `only` are private: every other setting (MLflow, Airflow,
 the PostgreSQL database when only Kafka is private, ...) still names the shared
 stack. The Kafka jars are linked from the shared stack's folder, not copied.
+
+A private Airflow (api-server, scheduler, dag-processor, triggerer: about 0.85 GB)
+needs a private PostgreSQL for its metadata database, and its tasks run with the
+settings given: every setting that differs from what a process reads by itself
+(the private ports and folder; scratch topics and group when `settings` came from
+`scratch_topics`) is passed to its components' environment, so make the scratch
+topics first and the private services inside:
+
+    with scratch_topics(stack, "test") as scratch, private_services(
+        scratch, only={"postgres", "airflow"}
+    ) as private:
+        with airflow_server.api_client(private.settings) as api: ...
 """
 
 from __future__ import annotations
@@ -28,16 +40,20 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from pipeline.settings import Settings
-from pipeline.stack import kafka_server, manager
+from pydantic import SecretStr
+
+from pipeline.settings import Settings, get_settings
+from pipeline.stack import airflow_server, kafka_server, manager
 from pipeline.stack.process import ManagedProcess, StackError, _session_members
 
 log = logging.getLogger(__name__)
 
-PRIVATE = ("postgres", "kafka")  # the services that can be had privately
+PRIVATE = ("postgres", "kafka", "airflow")  # the services that can be had privately
+# A private service that needs another private one (Airflow's metadata database).
+NEEDS = {"airflow": "postgres"}
 
 
 def free_port(host: str) -> int:
@@ -45,6 +61,18 @@ def free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The variables that tell a process started here to use `settings`: each
+    setting that differs from what it would read by itself (the environment and
+    `.env`). Secrets are left out: private services have the same ones."""
+    own = get_settings()
+    return {
+        name.upper(): str(value)
+        for name, value in settings
+        if value != getattr(own, name) and not isinstance(value, SecretStr)
+    }
 
 
 @dataclass
@@ -58,12 +86,20 @@ class PrivateServices:
     def service(self, name: str) -> manager.Service:
         if name not in self.names:
             raise KeyError(f"{name} is not private here (private: {sorted(self.names)})")
-        return next(s for s in manager.SERVICES if s.name == name)
+        service = next(s for s in manager.SERVICES if s.name == name)
+        if name == "airflow":  # its tasks run with the private settings
+            task_env = settings_environment(self.settings)
+            return replace(service, processes=lambda s: airflow_server.processes(s, task_env))
+        return service
+
+    def processes(self, name: str) -> list[ManagedProcess]:
+        """The private service's processes (Airflow has four: `airflow-scheduler`...)."""
+        return self.service(name).processes(self.settings)
 
     def process(self, name: str) -> ManagedProcess:
         """The private service's process: `pid()`, `healthy()`, `stop()`, `start()`."""
         if name not in self._processes:
-            [proc] = self.service(name).processes(self.settings)
+            [proc] = self.processes(name)
             self._processes[name] = proc
         return self._processes[name]
 
@@ -104,13 +140,16 @@ class PrivateServices:
 def private_services(
     settings: Settings, only: set[str] | frozenset[str] = frozenset({"kafka"})
 ) -> Iterator[PrivateServices]:
-    """Start the services in `only` ("kafka", "postgres") privately: a temporary
-    stack folder, free ports, the shared stack's code. Everything started in that
-    folder is stopped and the folder removed afterwards, whether the body passed
-    or failed."""
+    """Start the services in `only` ("kafka", "postgres", "airflow") privately: a
+    temporary stack folder, free ports, the shared stack's code. Everything started
+    in that folder is stopped and the folder removed afterwards, whether the body
+    passed or failed."""
     names = frozenset(only)
     if not names or names - set(PRIVATE):
         raise ValueError(f"private services are some of {PRIVATE}, not {sorted(names)}")
+    for name, needed in NEEDS.items():
+        if name in names and needed not in names:
+            raise ValueError(f"a private {name} needs a private {needed} too")
     folder = Path(tempfile.mkdtemp(prefix="f1-sandbox-"))
     # PostgreSQL runs as `postgres` when we are root: it must be able to reach its folder.
     folder.chmod(0o755)
@@ -120,6 +159,8 @@ def private_services(
         update |= {"kafka_port": free_port(host), "kafka_controller_port": free_port(host)}
     if "postgres" in names:
         update["postgres_port"] = free_port(host)
+    if "airflow" in names:
+        update["airflow_port"] = free_port(host)
     private = PrivateServices(settings.model_copy(update=update), names)
     try:
         if "kafka" in names:

@@ -14,7 +14,7 @@ from pipeline.kafka.topics import TopicSpec, admin_client, provision
 from pipeline.settings import Settings
 from pipeline.stack import kafka_server, postgres
 from pipeline.stack.process import port_owner
-from pipeline.stack.sandbox import private_services
+from pipeline.stack.sandbox import private_services, settings_environment
 
 
 def _gone(pid: int) -> bool:
@@ -100,3 +100,20 @@ def test_a_private_database_is_stopped_and_removed_even_when_the_body_fails(
     assert pid is not None and _gone(pid)
     assert port_owner(mine.bind_host, mine.postgres_port) is None
     assert not mine.stack_dir.exists()
+
+
+def test_a_private_airflow_needs_a_private_database(stack: Settings) -> None:
+    # Its metadata database lives in PostgreSQL: never the shared one.
+    with (
+        pytest.raises(ValueError, match="needs a private postgres"),
+        private_services(stack, only={"airflow"}),
+    ):
+        pass
+
+
+def test_the_settings_a_private_airflow_passes_its_tasks(stack: Settings) -> None:
+    # Only what differs from what a process reads by itself, secrets aside: the
+    # shared settings add nothing (the shared Airflow's environment is unchanged).
+    assert settings_environment(stack) == {}
+    private = stack.model_copy(update={"postgres_port": 1, "consumer_group": "scratch-g"})
+    assert settings_environment(private) == {"POSTGRES_PORT": "1", "CONSUMER_GROUP": "scratch-g"}
