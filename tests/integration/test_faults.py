@@ -5,9 +5,10 @@ the stream recover, then checks from the producer's delivery reports that
 nothing was lost or doubled and that every window equals a recomputation
 (`tests/integration/faults.py`); its figures go to docs/reliability.md.
 
-The quick faults (consumers killed or paused, poison, disorder, lost offsets)
-run in `make test` on scratch topics of the shared broker. The long ones (a
-broker killed three times, PostgreSQL stopped for 30 s) need services of their
+The quick faults (consumers killed or paused, poison, disorder, lost offsets,
+MLflow down) run in `make test` on scratch topics of the shared broker. The long
+ones (a broker killed three times, PostgreSQL stopped for 30 s, and in
+test_airflow_faults.py the f1_stream consume task killed) need services of their
 own, never the shared ones a demo runs on, and run with `make test-faults`.
 """
 
