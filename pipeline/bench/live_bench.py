@@ -31,7 +31,7 @@ from pipeline.settings import Settings
 from pipeline.sinks import telemetry_db
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page
+    pass
 
 MID_RACE_S = 5400.0  # session clock: about lap 22 in 2023, all cars on track
 WARM_UP_S = 3.0  # consumers join the group and the page connects before the replay
@@ -165,29 +165,7 @@ def _watch_until(
             if done or time.monotonic() > deadline:
                 break
             page.wait_for_timeout(100)
-        return _read_page(page, screenshot), state
-
-
-def _read_page(page: Page, screenshot: Path | None) -> browser.PageWatch:
-    """What the page counted and shows (as `browser.watch` reads it)."""
-    stats: dict[str, Any] = page.evaluate("window.f1live")
-    first_row = page.locator("#cars tr").first
-    cells = first_row.locator("td").all_inner_texts() if first_row.count() else []
-    cars_shown = page.locator("#cars tr").count()
-    if screenshot is not None:
-        screenshot.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(screenshot))
-    span_ms = (stats["lastEventAt"] or 0) - (stats["firstEventAt"] or 0)
-    return browser.PageWatch(
-        seconds=span_ms / 1000,
-        events=int(stats["events"]),
-        renders=int(stats["renders"]),
-        renders_with_cars=int(stats["rendersWithCars"]),
-        latencies_ms=[float(v) for v in stats["latenciesMs"]],
-        cars_shown=cars_shown,
-        first_row=cells,
-        screenshot=screenshot,
-    )
+        return browser.read_page(page, screenshot), state
 
 
 def figures(live: LiveRun) -> dict[str, Any]:

@@ -59,13 +59,18 @@ def watch(settings: Settings, seconds: float, screenshot: Path | None = None) ->
         if answer is None or answer.status != 200:
             raise RuntimeError(f"live page answered {answer and answer.status}")
         page.wait_for_timeout(seconds * 1000)
-        stats: dict[str, Any] = page.evaluate("window.f1live")
-        first_row = page.locator("#cars tr").first
-        cells = first_row.locator("td").all_inner_texts() if first_row.count() else []
-        cars_shown = page.locator("#cars tr").count()
-        if screenshot is not None:
-            screenshot.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(screenshot))
+        return read_page(page, screenshot)
+
+
+def read_page(page: Page, screenshot: Path | None = None) -> PageWatch:
+    """What an open live page counted and shows (and a screenshot of it)."""
+    stats: dict[str, Any] = page.evaluate("window.f1live")
+    first_row = page.locator("#cars tr").first
+    cells = first_row.locator("td").all_inner_texts() if first_row.count() else []
+    cars_shown = page.locator("#cars tr").count()
+    if screenshot is not None:
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(screenshot))
     span_ms = (stats["lastEventAt"] or 0) - (stats["firstEventAt"] or 0)
     return PageWatch(
         seconds=span_ms / 1000,

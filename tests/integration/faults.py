@@ -15,7 +15,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -75,21 +75,37 @@ def in_flight(settings: Settings) -> int:
     return sum(end - committed.get(p, 0) for p, end in ends.items())
 
 
-def first_commit_after(settings: Settings, moment: dt.datetime, timeout_s: float = 300) -> float:
-    """Seconds from `moment` to the group's first batch of messages committed
-    after it (waits for one)."""
+def wait_for_row(
+    settings: Settings,
+    query: str,
+    params: tuple[Any, ...],
+    done: Callable[[tuple[Any, ...]], bool],
+    *,
+    timeout_s: float = 180,
+) -> tuple[Any, ...]:
+    """Run `query` (one row) until `done(row)`; the row. Fails after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     with telemetry_db.connect(settings, autocommit=True) as conn:
         while True:
-            row = conn.execute(
-                "SELECT min(recorded_at) FROM stream_metrics "
-                "WHERE group_id = %s AND recorded_at > %s AND messages > 0",
-                (settings.consumer_group, moment),
-            ).fetchone()
-            if row and row[0] is not None:
-                return float((row[0] - moment).total_seconds())
-            assert time.monotonic() < deadline, f"no batch committed {timeout_s:g} s after {moment}"
+            row = conn.execute(query, params).fetchone()  # type: ignore[arg-type]
+            if row is not None and done(row):
+                return tuple(row)
+            assert time.monotonic() < deadline, f"{query} {params}: {row} after {timeout_s:g} s"
             time.sleep(0.2)
+
+
+def first_commit_after(settings: Settings, moment: dt.datetime, timeout_s: float = 300) -> float:
+    """Seconds from `moment` to the group's first batch of messages committed
+    after it (waits for one)."""
+    (first,) = wait_for_row(
+        settings,
+        "SELECT min(recorded_at) FROM stream_metrics "
+        "WHERE group_id = %s AND recorded_at > %s AND messages > 0",
+        (settings.consumer_group, moment),
+        lambda row: row[0] is not None,
+        timeout_s=timeout_s,
+    )
+    return float((first - moment).total_seconds())
 
 
 def wait_stored(settings: Settings, run: str, at_least: int, timeout_s: float = 180) -> int:

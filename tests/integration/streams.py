@@ -24,6 +24,33 @@ F1 = str(PROJECT_ROOT / ".venv" / "bin" / "f1")
 RACE = "2023_Monaco_R"
 
 
+def round_trip(bootstrap_servers: str, topic: str, sent: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """Produce `sent` (key -> value) to `topic`, read it back with a fresh group;
+    what came back (a new group's first join takes a few seconds: up to a minute)."""
+    from confluent_kafka import Consumer, Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap_servers, "enable.idempotence": True})
+    for key, value in sent.items():
+        producer.produce(topic, value=value, key=key)
+    assert producer.flush(15) == 0
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap_servers, "group.id": f"read-{topic}",
+         "auto.offset.reset": "earliest", "enable.auto.commit": False}
+    )  # fmt: skip
+    consumer.subscribe([topic])
+    received: dict[bytes, bytes] = {}
+    try:
+        for _ in range(60):
+            for message in consumer.consume(num_messages=10, timeout=1.0):
+                assert message.error() is None
+                received[message.key()] = message.value()
+            if len(received) == len(sent):
+                break
+    finally:
+        consumer.close()
+    return received
+
+
 def subprocess_env(settings: Settings) -> dict[str, str]:
     """The environment of an `f1` process that uses `settings`: what differs from
     the shared settings (scratch topics and group, a private broker's port...)."""

@@ -45,6 +45,7 @@ from tests.integration.faults import (
     first_commit_after,
     in_flight,
     measure,
+    wait_for_row,
     wait_stored,
 )
 from tests.integration.streams import (
@@ -189,19 +190,13 @@ def test_a_consumer_paused_past_its_session_is_fenced_and_rejoins(
     )  # fmt: skip
 
 
-def _wait_commits(settings: Settings, member: str, at_least: int, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    with telemetry_db.connect(settings, autocommit=True) as conn:
-        while True:
-            row = conn.execute(
-                "SELECT count(*) FROM stream_metrics WHERE group_id = %s AND consumer = %s "
-                "AND samples > 0",
-                (settings.consumer_group, member),
-            ).fetchone()
-            if row and row[0] >= at_least:
-                return
-            assert time.monotonic() < deadline, f"{member} committed {row} batches"
-            time.sleep(0.2)
+def _wait_commits(settings: Settings, member: str, at_least: int) -> None:
+    wait_for_row(
+        settings,
+        "SELECT count(*) FROM stream_metrics WHERE group_id = %s AND consumer = %s AND samples > 0",
+        (settings.consumer_group, member),
+        lambda row: row[0] >= at_least,
+    )
 
 
 # --- bad input -----------------------------------------------------------------------
@@ -625,10 +620,10 @@ def _predictions(settings: Settings, run: str, version: int) -> int:
     return int(row[0]) if row else 0
 
 
-def _wait_predictions(
-    settings: Settings, run: str, version: int, at_least: int, timeout_s: float = 180
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while (count := _predictions(settings, run, version)) < at_least:
-        assert time.monotonic() < deadline, f"{count} of {at_least} predictions by v{version}"
-        time.sleep(0.2)
+def _wait_predictions(settings: Settings, run: str, version: int, at_least: int) -> None:
+    wait_for_row(
+        settings,
+        "SELECT count(*) FROM telemetry_predictions WHERE run_id = %s AND pit_stop_version = %s",
+        (run, version),
+        lambda row: row[0] >= at_least,
+    )

@@ -3,10 +3,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from pipeline.settings import Settings
+from tests.integration.streams import round_trip
 
 
 @pytest.fixture
@@ -41,34 +42,8 @@ def test_auto_topic_creation_is_off(stack: Settings) -> None:
 
 
 def test_message_round_trip_through_the_broker(stack: Settings, topic: str) -> None:
-    producer = Producer(
-        {"bootstrap.servers": stack.kafka_bootstrap_servers, "enable.idempotence": True}
-    )
     sent = {f"2023_Monaco_R:{n}".encode(): f"sample-{n}".encode() for n in (1, 11, 16)}
-    for key, value in sent.items():
-        producer.produce(topic, value=value, key=key)
-    assert producer.flush(15) == 0
-
-    consumer = Consumer(
-        {
-            "bootstrap.servers": stack.kafka_bootstrap_servers,
-            "group.id": f"test-{topic}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    consumer.subscribe([topic])
-    received: dict[bytes, bytes] = {}
-    try:
-        for _ in range(30):
-            for msg in consumer.consume(num_messages=10, timeout=1.0):
-                assert msg.error() is None
-                received[msg.key()] = msg.value()
-            if len(received) == len(sent):
-                break
-    finally:
-        consumer.close()
-    assert received == sent
+    assert round_trip(stack.kafka_bootstrap_servers, topic, sent) == sent
 
 
 def test_damaged_data_folder_is_reported_and_kept(stack: Settings) -> None:

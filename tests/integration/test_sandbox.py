@@ -8,13 +8,13 @@ import uuid
 import psutil
 import psycopg
 import pytest
-from confluent_kafka import Consumer, Producer
 
 from pipeline.kafka.topics import TopicSpec, admin_client, provision
 from pipeline.settings import Settings
 from pipeline.stack import kafka_server, postgres
 from pipeline.stack.process import port_owner
 from pipeline.stack.sandbox import private_services, settings_environment
+from tests.integration.streams import round_trip
 
 
 def _gone(pid: int) -> bool:
@@ -45,29 +45,8 @@ def test_a_private_broker_runs_on_its_own_port_round_trips_and_is_gone_after(
         provision(admin_client(mine), [TopicSpec(topic, 2)])
         assert topic in admin_client(mine).list_topics(timeout=10).topics
         assert topic not in admin_client(stack).list_topics(timeout=10).topics
-        producer = Producer({"bootstrap.servers": mine.kafka_bootstrap_servers})
         sent = {f"k{n}".encode(): f"v{n}".encode() for n in range(10)}
-        for key, value in sent.items():
-            producer.produce(topic, value=value, key=key)
-        assert producer.flush(15) == 0
-        consumer = Consumer(
-            {
-                "bootstrap.servers": mine.kafka_bootstrap_servers,
-                "group.id": topic,
-                "auto.offset.reset": "earliest",
-            }
-        )
-        consumer.subscribe([topic])
-        received: dict[bytes, bytes] = {}
-        try:
-            for _ in range(60):  # up to a minute: a new group's first join takes a few seconds
-                for msg in consumer.consume(num_messages=10, timeout=1.0):
-                    assert msg.error() is None
-                    received[msg.key()] = msg.value()
-                if len(received) == len(sent):
-                    break
-        finally:
-            consumer.close()
+        received = round_trip(mine.kafka_bootstrap_servers, topic, sent)
         assert received == sent
         folder = mine.stack_dir
     assert _gone(pid)
