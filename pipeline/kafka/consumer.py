@@ -498,6 +498,9 @@ class StreamConsumer:
             except schema.BadHeader as err:
                 decoded.dead.append((message, "bad_header", str(err)))
                 continue
+            except schema.HoldsNul as err:
+                decoded.dead.append((message, "invalid", str(err)))
+                continue
             except msgspec.ValidationError as err:
                 error_class = "out_of_bounds" if schema.is_out_of_bounds(err) else "invalid"
                 decoded.dead.append((message, error_class, str(err)))
