@@ -332,7 +332,7 @@ def _out_of_bounds(
         seq_ref = car.last_seq if car is not None and car.last_seq >= 0 else run_seq
         if seq_ref < 0 and batch_seq is not None:
             seq_ref = int(batch_seq)
-        too_far = seq[lo:hi] > seq_ref + config.max_seq_ahead if seq_ref >= 0 else too_late & False
+        too_far = (seq[lo:hi] > seq_ref + config.max_seq_ahead) & (seq_ref >= 0)
         for i in np.flatnonzero(too_late | too_far).tolist():
             if too_late[i]:
                 reasons[lo + i] = (

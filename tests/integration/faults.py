@@ -124,14 +124,18 @@ def delivered(report: ProduceReport, planned: pd.DataFrame) -> pd.DataFrame:
     return planned[~keys.isin(failed)]
 
 
-def measure(settings: Settings, run: str, expected: pd.DataFrame) -> tuple[int, int]:
-    """(lost, doubled), then the two checks that make them 0: every delivered
-    sample stored exactly once, every window equal to the recomputation."""
+def lost_and_doubled(settings: Settings, run: str, expected: pd.DataFrame) -> tuple[int, int]:
+    """Delivered samples not stored; stored rows beyond one per delivered sample."""
     rows = stored_samples(settings, run)
     keys = set(zip(rows["driver_number"], rows["seq"], strict=True))
     wanted = set(zip(expected["driver_number"], expected["seq"], strict=True))
-    lost = len(wanted - keys)
-    doubled = len(rows) - len(keys) + len(keys - wanted)
+    return len(wanted - keys), len(rows) - len(keys) + len(keys - wanted)
+
+
+def measure(settings: Settings, run: str, expected: pd.DataFrame) -> tuple[int, int]:
+    """(lost, doubled), then the two checks that make them 0: every delivered
+    sample stored exactly once, every window equal to the recomputation."""
+    lost, doubled = lost_and_doubled(settings, run, expected)
     assert_exactly_once(settings, run, expected)
     assert_windows_match(settings, run, expected)
     return lost, doubled

@@ -44,12 +44,14 @@ from tests.integration.faults import (
     delivered,
     first_commit_after,
     in_flight,
+    lost_and_doubled,
     measure,
     wait_for_row,
     wait_stored,
 )
 from tests.integration.streams import (
     RACE,
+    assert_windows_match,
     consumer_process,
     output_of,
     stored_samples,
@@ -369,7 +371,7 @@ def test_samples_out_of_order_and_late_are_stored_and_on_time_windows_exact(
     # The on-time windows equal a recomputation over the on-time samples, in send order.
     on_time = _on_time(settings, run, samples.iloc[order])
     _assert_windows_equal(settings, run, on_time)
-    lost, doubled = measure_counts(settings, run, samples)
+    lost, doubled = lost_and_doubled(settings, run, samples)
     fault_table.append(
         FaultRow("samples out of order and late, from the producer's side",
                  f"{swapped} swapped with their car's next, {len(held_back)} held back 30 s; "
@@ -391,26 +393,11 @@ def _on_time(settings: Settings, run: str, in_send_order: pd.DataFrame) -> pd.Da
 
 
 def _assert_windows_equal(settings: Settings, run: str, on_time: pd.DataFrame) -> None:
-    from tests.integration.streams import expected_windows
-
     # Gear changes count between consecutive samples as they arrived: recompute in
-    # arrival order (expected_windows sorts by seq, so give it arrival ranks).
-    arrival = on_time.assign(seq=on_time.groupby("driver_number").cumcount())
-    expected = expected_windows(arrival)
-    stored = stored_windows(settings, run)
-    both = expected.merge(stored, on=["driver_number", "start_us"], suffixes=("", "_db"))
-    assert len(both) == len(expected) == len(stored)
-    for column in expected.columns.drop(["driver_number", "start_us"]):
-        close = np.isclose(both[column].astype(float), both[f"{column}_db"].astype(float),
-                           rtol=1e-5, atol=1e-5)  # fmt: skip
-        assert close.all(), f"{column}: {(~close).sum()} windows differ"
-
-
-def measure_counts(settings: Settings, run: str, expected: pd.DataFrame) -> tuple[int, int]:
-    rows = stored_samples(settings, run)
-    keys = set(zip(rows["driver_number"], rows["seq"], strict=True))
-    wanted = set(zip(expected["driver_number"], expected["seq"], strict=True))
-    return len(wanted - keys), len(rows) - len(keys) + len(keys - wanted)
+    # arrival order (the recomputation sorts by seq, so give it arrival ranks).
+    assert_windows_match(
+        settings, run, on_time.assign(seq=on_time.groupby("driver_number").cumcount())
+    )
 
 
 def test_lost_offsets_clash_with_stored_rows_and_are_skipped_not_doubled(
