@@ -206,7 +206,12 @@ class StreamConsumer:
                 if self._conn is None or self._conn.closed:
                     self._conn = telemetry_db.connect(self.settings, autocommit=True)
                 return work(self._conn)
-            except psycopg.OperationalError as err:
+            # A session the server ended (restart, or our own idle-in-transaction
+            # timeout after a pause inside a transaction) is a lost connection too.
+            except (
+                psycopg.OperationalError,
+                psycopg.errors.IdleInTransactionSessionTimeout,
+            ) as err:
                 if time.monotonic() + delay > deadline or self.stop.is_set():
                     raise DatabaseUnavailable(
                         f"PostgreSQL unreachable for {self.settings.db_retry_s:g} s while "
