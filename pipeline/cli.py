@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import httpx
 import typer
 
 from pipeline.settings import ENV_FILE, Settings, get_settings
+
+T = TypeVar("T")
 
 app = typer.Typer(no_args_is_help=True, help="F1 telemetry platform.")
 stack_app = typer.Typer(no_args_is_help=True, help="The local stack (no Docker).")
@@ -382,22 +385,31 @@ def consume(
 
 @app.command("demo")
 def demo() -> None:
-    """Start the demo replay (the f1_stream DAG in Airflow) unless one is running."""
-    from pipeline.demo import STREAM_DAG, start_demo
+    """Start the demo replay (f1_stream) and the game listener (f1_udp_live) in
+    Airflow, unless they are running."""
+    from pipeline.demo import STREAM_DAG, UDP_DAG, start_demo, start_udp_live
 
     settings = get_settings()
     try:
         run = start_demo(settings)
+        live = start_udp_live(settings)
     except (TimeoutError, httpx.HTTPError) as err:
-        _fail(f"could not start the demo replay: {err}")
+        _fail(f"could not start the demo: {err}")
     state = "already running" if run["already_running"] else "started"
     speed = f"{settings.demo_speed:g}x" if settings.demo_speed else "as fast as possible"
+    host, _, port = settings.udp_address.rpartition(":")
     typer.echo(
         f"\nDemo replay {state}: {settings.demo_session} at {speed}, "
         f"{settings.demo_consumers} consumers (DAG run {run['dag_run_id']}).\n"
         f"  Live page:  {settings.airflow_url}/plugin/f1-live  (Airflow login)\n"
         f"  Dashboards: {settings.superset_url}/dashboard/list/  (Superset login)\n"
-        f"  The DAG:    {settings.airflow_url}/dags/{STREAM_DAG}"
+        f"  The DAG:    {settings.airflow_url}/dags/{STREAM_DAG}\n"
+        f"\nF1 game listener {'already running' if live['already_running'] else 'started'} "
+        f"on {settings.udp_address} ({settings.airflow_url}/dags/{UDP_DAG}).\n"
+        f"  In F1 24/25: Settings > Telemetry Settings: UDP Telemetry On, UDP IP Address "
+        f"{host}, UDP Port {port},\n  UDP Send Rate 60Hz, UDP Format 2024 or 2025. "
+        "A console or another PC: set UDP_ADDRESS=0.0.0.0:" + port + " in .env first.\n"
+        f"  No game? `.venv/bin/f1 udp replay {settings.udp_recording}` sends a real lap."
     )
 
 
@@ -452,6 +464,158 @@ def train(
             )
         else:
             typer.echo(f"  {result.reason}")
+
+
+udp_app = typer.Typer(no_args_is_help=True, help="The F1 game's live UDP telemetry.")
+app.add_typer(udp_app, name="udp")
+Address = Annotated[str, typer.Option(help="HOST:PORT (default: the UDP_ADDRESS setting).")]
+
+
+def _counted(items: Iterable[T], bar: Any) -> Iterator[T]:
+    """Items passed through, each one ticking the progress bar."""
+    for item in items:
+        bar.update(1)
+        yield item
+
+
+@udp_app.command("listen")
+def udp_listen(
+    address: Address = "",
+    forward: Annotated[
+        list[str] | None,
+        typer.Option(help="Also send every datagram, unchanged, to HOST:PORT (repeatable)."),
+    ] = None,
+    record: Annotated[
+        Path | None, typer.Option(help="Also write every datagram to this recording.")
+    ] = None,
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+) -> None:
+    """Receive the game's telemetry and publish each session as a run (Ctrl-C stops).
+    In the game: Settings > Telemetry Settings > UDP Telemetry On, IP address and
+    port of this listener, UDP format 2024 or 2025, send rate up to 60 Hz."""
+    from pipeline.kafka.client import KafkaUnavailable, stop_on_signals
+    from pipeline.kafka.udp_listener import UdpListener
+
+    _setup_logging()
+    with stop_on_signals() as stop:
+        try:
+            listener = UdpListener(address or None, forward=forward, record=record, stop=stop)
+            report = listener.run(duration_s=duration)
+        except (KafkaUnavailable, ValueError, OSError) as err:
+            _fail(str(err))
+    parsed = sum(v for k, v in report.datagrams.items() if k.startswith("parsed:"))
+    typer.echo(
+        f"{report.received:,} datagrams received on {report.address} in {report.seconds:,.0f} s: "
+        f"{parsed:,} parsed, {report.received - parsed:,} skipped "
+        f"{ {k: v for k, v in report.datagrams.items() if not k.startswith('parsed:')} }\n"
+        f"  {report.samples_produced:,} samples produced, {report.samples_delivered:,} delivered, "
+        f"{report.delivery_failures:,} failed; "
+        f"receive-to-produce ms {report.receive_to_produce_ms}\n"
+        f"  forwarded {report.forwarded:,} ({report.forward_errors:,} errors), "
+        f"recorded {report.recorded:,}; feed {report.feed}; stopped: {report.stop_reason}"
+    )
+    for run in report.runs:
+        typer.echo(f"  run {run['run_id']}: {run['delivered']:,} samples, ended: {run['ended']}")
+    if report.delivery_failures:
+        raise typer.Exit(1)
+
+
+@udp_app.command("record")
+def udp_record(
+    output: Annotated[Path, typer.Argument(help="Recording to write (f1-udp container format).")],
+    address: Address = "",
+    duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+) -> None:
+    """Record the game's datagrams, unchanged, without publishing them (Ctrl-C stops)."""
+    from pipeline.kafka.client import stop_on_signals
+    from pipeline.sources.udp_recording import parse_address, record
+
+    _setup_logging()
+    try:
+        target = parse_address(address or get_settings().udp_address)
+        with stop_on_signals() as stop:
+            count = record(output, target, duration_s=duration, stop=stop)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    typer.echo(f"{count:,} datagrams recorded to {output}")
+
+
+@udp_app.command("replay")
+def udp_replay(
+    recording: Annotated[Path, typer.Argument(help="A recording (f1-udp container format).")],
+    address: Address = "",
+    speed: Annotated[
+        float, typer.Option(help="1 the original pace, 10 ten times faster, 0 unpaced.")
+    ] = 1.0,
+) -> None:
+    """Send a recording's datagrams to a UDP address, as the game would."""
+    from tqdm import tqdm
+
+    from pipeline.sources.udp_recording import (
+        RecordingDamaged,
+        parse_address,
+        read_recording,
+        send_datagrams,
+    )
+
+    try:
+        target = parse_address(address or get_settings().udp_address)
+        with tqdm(unit=" datagrams", desc=recording.name) as bar:
+            report = send_datagrams(
+                _counted(read_recording(recording), bar),
+                target, speed=speed or None,
+            )  # fmt: skip
+    except (ValueError, OSError, RecordingDamaged) as err:
+        _fail(str(err))
+    typer.echo(
+        f"{report.sent:,} datagrams ({report.bytes_sent:,} bytes) sent to {target[0]}:{target[1]} "
+        f"in {report.seconds:,.1f} s ({report.recording_seconds:,.1f} s recorded)"
+    )
+
+
+@udp_app.command("synth")
+def udp_synth(
+    output: Annotated[Path, typer.Argument(help="Recording to write.")],
+    packet_format: Annotated[int, typer.Option("--format", help="2024 (F1 24) or 2025.")] = 2025,
+    cars: Annotated[int, typer.Option(help="Cars in the session (1-22).")] = 22,
+    laps: Annotated[int, typer.Option(help="Race laps.")] = 3,
+    rate: Annotated[float, typer.Option(help="Frames per second (the game: up to 60).")] = 60.0,
+    lap_seconds: Annotated[float, typer.Option(help="Typical lap time (s).")] = 80.0,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Write a synthetic game session (a race with a start, pit stops and an end)."""
+    from tqdm import tqdm
+
+    from pipeline.sources.udp_recording import write_recording
+    from pipeline.sources.udp_synth import synthetic_session
+
+    try:
+        session = synthetic_session(
+            fmt=packet_format, cars=cars, laps=laps, rate_hz=rate, lap_s=lap_seconds, seed=seed
+        )
+        with tqdm(unit=" datagrams", desc=output.name) as bar:
+            count = write_recording(output, _counted(session, bar))
+    except ValueError as err:
+        _fail(str(err))
+    typer.echo(f"{count:,} datagrams written to {output}")
+
+
+@udp_app.command("inspect")
+def udp_inspect(
+    recording: Annotated[Path, typer.Argument(help="A recording (f1-udp container format).")],
+) -> None:
+    """Datagrams of a recording per packet type, as the listener would count them."""
+    from pipeline.sources.udp_packets import PacketParser
+    from pipeline.sources.udp_recording import RecordingDamaged, read_recording
+
+    parser = PacketParser()
+    try:
+        for _, datagram in read_recording(recording):
+            parser.parse(datagram)
+    except RecordingDamaged as err:
+        _fail(str(err))
+    for name, count in sorted(parser.counts.items()):
+        typer.echo(f"  {name:<28} {count:,}")
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (figures, not pass/fail).")

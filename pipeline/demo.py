@@ -1,6 +1,8 @@
 """The demo `make up` ends with: a replay of the demo race through the f1_stream
 DAG, triggered in Airflow so the user watches it there, in Superset and on
-the live page. Nothing new starts if a demo run is already under way."""
+the live page; and the f1_udp_live DAG listening for the F1 game, so a game
+pointed at it shows up in the same places. Nothing new starts if a run of
+either is already under way."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from pipeline.sources.replay import race_start_offset_s
 from pipeline.stack import airflow_server
 
 STREAM_DAG = "f1_stream"
+UDP_DAG = "f1_udp_live"
+UDP_LISTEN_S = 24 * 3600  # the DAG's longest listen; trigger it again after a day
 LEAD_IN_S = 30.0  # the demo starts this long before lights out (the grid, then the start)
 
 
@@ -22,34 +26,44 @@ def start_demo(settings: Settings, *, wait_s: float = 180.0) -> dict[str, Any]:
     start_offset_s = max(
         0.0, race_start_offset_s(settings.export_dir / settings.demo_session) - LEAD_IN_S
     )
+    conf = {
+        "session": settings.demo_session,
+        "speed": settings.demo_speed,
+        "consumers": settings.demo_consumers,
+        "start_offset_s": round(start_offset_s, 3),
+    }
     with airflow_server.api_client(settings) as api:
-        deadline = time.monotonic() + wait_s
-        # On a fresh machine the dag-processor needs a moment to parse the DAGs.
-        while api.get(f"/dags/{STREAM_DAG}").status_code == 404:
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"Airflow has not loaded {STREAM_DAG} after {wait_s:.0f} s; see "
-                    f"{settings.log_dir}/airflow-dag-processor.log"
-                )
-            time.sleep(2)
-        api.patch(f"/dags/{STREAM_DAG}", json={"is_paused": False}).raise_for_status()
-        active = api.get(
-            f"/dags/{STREAM_DAG}/dagRuns", params={"state": ["queued", "running"]}
-        ).json()["dag_runs"]
-        if active:
-            return {**active[0], "already_running": True}
-        answer = api.post(
-            f"/dags/{STREAM_DAG}/dagRuns",
-            json={
-                "logical_date": None,
-                "note": "demo replay started by make up",
-                "conf": {
-                    "session": settings.demo_session,
-                    "speed": settings.demo_speed,
-                    "consumers": settings.demo_consumers,
-                    "start_offset_s": round(start_offset_s, 3),
-                },
-            },
-        )
-        answer.raise_for_status()
-        return {**answer.json(), "already_running": False}
+        return _trigger(api, STREAM_DAG, conf, "demo replay started by make up", wait_s)
+
+
+def start_udp_live(settings: Settings, *, wait_s: float = 180.0) -> dict[str, Any]:
+    """Unpause f1_udp_live and start it listening on UDP_ADDRESS for a day,
+    unless it already is. Returns the run (existing or new)."""
+    conf = {"address": settings.udp_address, "duration_s": UDP_LISTEN_S}
+    with airflow_server.api_client(settings) as api:
+        return _trigger(api, UDP_DAG, conf, "listening for the F1 game, started by make up", wait_s)
+
+
+def _trigger(
+    api: Any, dag_id: str, conf: dict[str, Any], note: str, wait_s: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + wait_s
+    # On a fresh machine the dag-processor needs a moment to parse the DAGs.
+    while api.get(f"/dags/{dag_id}").status_code == 404:
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"Airflow has not loaded {dag_id} after {wait_s:.0f} s; see the "
+                "airflow-dag-processor log in LOG_DIR"
+            )
+        time.sleep(2)
+    api.patch(f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
+    active = api.get(f"/dags/{dag_id}/dagRuns", params={"state": ["queued", "running"]}).json()[
+        "dag_runs"
+    ]
+    if active:
+        return {**active[0], "already_running": True}
+    answer = api.post(
+        f"/dags/{dag_id}/dagRuns", json={"logical_date": None, "note": note, "conf": conf}
+    )
+    answer.raise_for_status()
+    return {**answer.json(), "already_running": False}

@@ -19,6 +19,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = PROJECT_ROOT / ".env"
 # The offline FastF1 sample that ships beside the project (../shared/data/...).
 SAMPLE_FASTF1_CACHE = PROJECT_ROOT.parent / "shared" / "data" / "fastf1" / "cache"
+SAMPLE_UDP_RECORDING = (
+    PROJECT_ROOT.parent / "shared" / "data" / "f1-udp" / "full_lap_20260112_160501.bin"
+)
 
 SecretKind = Literal["password", "token", "fernet"]
 # What `.env.example` shows in place of each secret. A copied line is refused, not used.
@@ -129,6 +132,29 @@ class Settings(BaseSettings):
         description="Idle cars remembered per partition (their last seq and clock); older "
         "ones are forgotten, their resends are still caught by the database keys.",
     )
+    udp_address: str = Field(
+        "127.0.0.1:20777",
+        pattern=r"^[^\s:]+:[0-9]{1,5}$",
+        description="Where `f1 udp listen` and the f1_udp_live DAG receive the F1 game's "
+        "telemetry (HOST:PORT). 0.0.0.0:20777 receives from a console or another PC: that "
+        "exposes the port to the network, so it is opt-in.",
+    )
+    udp_forward: str = Field(
+        "",
+        description="Comma-separated HOST:PORT list every received datagram is also sent to, "
+        "unchanged (the game sends to one receiver only). Empty: no forwarding.",
+    )
+    udp_recording: Path = Field(
+        SAMPLE_UDP_RECORDING,
+        description="A real F1 24 recording (f1-udp container format): the reference the "
+        "parser is tested on, and what `f1 udp replay` sends without a game.",
+    )
+    udp_receive_buffer_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=65_536,
+        description="Socket receive buffer of the UDP listener: room for bursts while a "
+        "batch is produced (the kernel caps it at net.core.rmem_max).",
+    )
     db_retry_s: float = Field(
         240.0,
         gt=0,
@@ -177,7 +203,9 @@ class Settings(BaseSettings):
     airflow_jwt_secret: SecretStr = secret("token", "Signs Airflow API and task tokens.")
     airflow_api_secret_key: SecretStr = secret("token", "Airflow api-server session secret.")
     airflow_parallelism: int = Field(
-        4, description="Task slots across Airflow (sized for a 2-core machine)."
+        8,
+        description="Task slots across Airflow: the demo replay (3), the UDP live feed (2) "
+        "and training run side by side; most slots wait on I/O, so 2 cores carry them.",
     )
 
     # --- Superset -----------------------------------------------------------------------

@@ -234,10 +234,12 @@ class StreamConsumer:
         until_run: str | None = None,
         idle_timeout_s: float | None = None,
         max_seconds: float | None = None,
+        idle_from_s: float = 0.0,
     ) -> ConsumeReport:
         """Consume until stopped: a signal (`stop`), the run `until_run` complete
         (every partition's end marker committed), `idle_timeout_s` without a
-        message, or `max_seconds`."""
+        message (counted from `idle_from_s` after the start at the earliest: a
+        live source may stay silent until then), or `max_seconds`."""
         from confluent_kafka import Consumer, Producer
 
         check_reachable(self.settings)
@@ -275,7 +277,8 @@ class StreamConsumer:
                     if now - last_idle_check > 1.0:  # cars of a run that stopped sending
                         last_idle_check = now
                         self._close_idle_cars()
-                    if idle_timeout_s is not None and now - last_message >= idle_timeout_s:
+                    quiet_since = max(last_message, started + idle_from_s)
+                    if idle_timeout_s is not None and now - quiet_since >= idle_timeout_s:
                         self.report.stop_reason = f"idle {idle_timeout_s:g} s"
                         break
                     continue

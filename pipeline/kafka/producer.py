@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,53 +137,94 @@ def produce_session(
     columns = message_columns(samples, run_id, session_key)
     fields = schema.SAMPLE_FIELDS
     producer = Producer(producer_config(settings))
-    delivered: Counter[int] = Counter()
-
-    def on_delivery(err: KafkaError | None, message: Message) -> None:
-        if err is None:
-            delivered[message.partition()] += 1  # type: ignore[index]
-        else:
-            report.failed += 1
-            report.errors[str(err)] += 1
-            sent = schema.decode(message.value() or b"")
-            if isinstance(sent, schema.TelemetrySample):
-                report.failed_samples.append((sent.driver_number, sent.seq))
-
-    _record_run_start(settings, report)
-    topic = settings.telemetry_topic
+    publisher = RunPublisher(producer, settings, report, SOURCE)
+    publisher.start()
     started = time.perf_counter()
     row = 0
     try:
         replay = Replay(samples[["session_time_s"]], speed=speed, max_batch=2_000)
         for batch in replay:
             hi = row + len(batch["session_time_s"])
-            headers = schema.headers(SOURCE, time.time_ns() // 1000)
-            for values in zip(*(columns[f][row:hi] for f in fields), strict=True):
-                sample = schema.TelemetrySample(*values)
-                _produce(
-                    producer,
-                    topic,
-                    schema.encode(sample),
-                    schema.message_key(session_key, sample.driver_number),
-                    headers,
-                    on_delivery,
-                )
-            producer.poll(0)
+            publisher.send(
+                (
+                    schema.TelemetrySample(*values)
+                    for values in zip(*(columns[f][row:hi] for f in fields), strict=True)
+                ),
+                time.time_ns() // 1000,
+            )
             on_progress(hi - row)
             row = hi
             if stop.is_set():
                 report.stopped_early = row < report.planned
                 log.info("stop requested: flushing after %d of %d samples", row, report.planned)
                 break
-        _flush(producer)
-        report.per_partition = dict(sorted(delivered.items()))
-        report.delivered = sum(delivered.values())
-        _send_end_markers(producer, settings, report, on_delivery)
+        publisher.end_markers()
     finally:
         report.seconds = time.perf_counter() - started
-        _flush(producer)
-        _record_run_end(settings, report)
+        publisher.finish()
     return report
+
+
+class RunPublisher:
+    """Publishes one run's samples to the telemetry topic: deliveries counted
+    per partition from the delivery reports (with the failed samples' keys),
+    the run's end markers carrying those counts, and its `stream_runs` row.
+    Sources share it: the FastF1 replay and the game's UDP feed."""
+
+    def __init__(self, producer: Any, settings: Settings, report: ProduceReport, source: str):
+        self.producer = producer
+        self.settings = settings
+        self.report = report
+        self.source = source
+        self.delivered: Counter[int] = Counter()
+        self.sent = 0  # produce calls made (a live source knows its total only at the end)
+
+    def _on_delivery(self, err: KafkaError | None, message: Message) -> None:
+        if err is None:
+            self.delivered[message.partition()] += 1  # type: ignore[index]
+            return
+        self.report.failed += 1
+        self.report.errors[str(err)] += 1
+        sent = schema.decode(message.value() or b"")
+        if isinstance(sent, schema.TelemetrySample):
+            self.report.failed_samples.append((sent.driver_number, sent.seq))
+
+    def start(self) -> None:
+        _record_run_start(self.settings, self.report, self.source)
+
+    def send(self, samples: Iterable[schema.TelemetrySample], produced_at_us: int) -> int:
+        """Produce a batch of samples (one instant of the source) with one header
+        list; serve delivery reports without waiting. Returns how many."""
+        headers = schema.headers(self.source, produced_at_us)
+        topic = self.settings.telemetry_topic
+        sent = 0
+        for sample in samples:
+            _produce(
+                self.producer,
+                topic,
+                schema.encode(sample),
+                schema.message_key(sample.session_key, sample.driver_number),
+                headers,
+                self._on_delivery,
+            )
+            sent += 1
+        self.sent += sent
+        self.producer.poll(0)
+        return sent
+
+    def end_markers(self) -> None:
+        """Wait for every delivery, then send each partition its end marker."""
+        _flush(self.producer)
+        self.report.per_partition = dict(sorted(self.delivered.items()))
+        self.report.delivered = sum(self.delivered.values())
+        _send_end_markers(self.producer, self.settings, self.report, self.source)
+
+    def finish(self) -> None:
+        """Flush and record the run's end (also after a failure)."""
+        _flush(self.producer)
+        self.report.per_partition = dict(sorted(self.delivered.items()))
+        self.report.delivered = sum(self.delivered.values())
+        _record_run_end(self.settings, self.report)
 
 
 def _produce(producer: Any, topic: str, value: bytes, key: bytes, headers: Any, cb: Any) -> None:
@@ -201,7 +242,7 @@ def _flush(producer: Any) -> None:
 
 
 def _send_end_markers(
-    producer: Any, settings: Settings, report: ProduceReport, on_delivery: Any
+    producer: Any, settings: Settings, report: ProduceReport, source: str
 ) -> None:
     metadata = producer.list_topics(settings.telemetry_topic, timeout=10)
     partitions = sorted(metadata.topics[settings.telemetry_topic].partitions)
@@ -218,19 +259,19 @@ def _send_end_markers(
             schema.encode(marker),
             f"{report.session_key}:end".encode(),
             partition=partition,
-            headers=schema.headers(SOURCE, time.time_ns() // 1000),
+            headers=schema.headers(source, time.time_ns() // 1000),
         )
     _flush(producer)
 
 
-def _record_run_start(settings: Settings, report: ProduceReport) -> None:
+def _record_run_start(settings: Settings, report: ProduceReport, source: str) -> None:
     telemetry_db.ensure_schema(settings)
     with telemetry_db.connect(settings, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO stream_runs (run_id, session_key, source, speed, samples_planned, "
             "intended_rate_hz, topic) VALUES (%s, %s, %s, %s, %s, %s, %s) "
             "ON CONFLICT (run_id) DO UPDATE SET started_at = now(), finished_at = NULL",
-            (report.run_id, report.session_key, SOURCE, report.speed, report.planned,
+            (report.run_id, report.session_key, source, report.speed, report.planned,
              report.intended_rate_hz, settings.telemetry_topic),
         )  # fmt: skip
 
@@ -238,9 +279,9 @@ def _record_run_start(settings: Settings, report: ProduceReport) -> None:
 def _record_run_end(settings: Settings, report: ProduceReport) -> None:
     with telemetry_db.connect(settings, autocommit=True) as conn:
         conn.execute(
-            "UPDATE stream_runs SET finished_at = now(), samples_delivered = %s, "
-            "delivery_failures = %s, achieved_rate_hz = %s, stopped_early = %s "
-            "WHERE run_id = %s",
-            (report.delivered, report.failed, report.achieved_rate_hz, report.stopped_early,
-             report.run_id),
+            "UPDATE stream_runs SET finished_at = now(), samples_planned = %s, "
+            "samples_delivered = %s, delivery_failures = %s, achieved_rate_hz = %s, "
+            "stopped_early = %s WHERE run_id = %s",
+            (report.planned, report.delivered, report.failed, report.achieved_rate_hz,
+             report.stopped_early, report.run_id),
         )  # fmt: skip
