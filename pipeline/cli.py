@@ -489,6 +489,9 @@ def udp_listen(
         Path | None, typer.Option(help="Also write every datagram to this recording.")
     ] = None,
     duration: Annotated[float | None, typer.Option(help="Stop after this many seconds.")] = None,
+    report_json: Annotated[
+        Path | None, typer.Option(help="Also write the final report to this JSON file.")
+    ] = None,
 ) -> None:
     """Receive the game's telemetry and publish each session as a run (Ctrl-C stops).
     In the game: Settings > Telemetry Settings > UDP Telemetry On, IP address and
@@ -503,6 +506,11 @@ def udp_listen(
             report = listener.run(duration_s=duration)
         except (KafkaUnavailable, ValueError, OSError) as err:
             _fail(str(err))
+    if report_json is not None:
+        import json
+        from dataclasses import asdict
+
+        report_json.write_text(json.dumps(asdict(report), indent=1))
     parsed = sum(v for k, v in report.datagrams.items() if k.startswith("parsed:"))
     typer.echo(
         f"{report.received:,} datagrams received on {report.address} in {report.seconds:,.0f} s: "
@@ -703,6 +711,32 @@ def bench_live(
     for name, value in live_bench.figures(live).items():
         typer.echo(f"  {name:<28} {value:,.3f}" if isinstance(value, float)
                    else f"  {name:<28} {value:,}")  # fmt: skip
+
+
+@bench_app.command("udp")
+def bench_udp(
+    seconds: Annotated[
+        float, typer.Option(help="Session seconds of the 60 Hz live run; 0 skips it.")
+    ] = 600.0,
+) -> None:
+    """The game feed: parse rate, then a 22-car 60 Hz session over loopback through
+    the listener and one consumer (datagrams lost, receive-to-commit)."""
+    import os
+    import platform
+
+    from pipeline.bench import udp_bench
+
+    _setup_logging()
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    typer.echo(f"machine: {platform.machine()}, {os.cpu_count()} cores")
+    figures = {"parse": udp_bench.parse()}
+    if seconds:
+        figures["live 60 Hz, 22 cars"] = udp_bench.live(get_settings(), seconds)
+    for title, values in figures.items():
+        typer.echo(f"{title}:")
+        for name, value in values.items():
+            typer.echo(f"  {name:<50} {value:,.3f}" if isinstance(value, float)
+                       else f"  {name:<50} {value}")  # fmt: skip
 
 
 @bench_app.command("models")
