@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.dashboards import bundle
 from pipeline.kafka.consumer import verify_run
 from pipeline.kafka.udp_listener import ListenReport, UdpListener
 from pipeline.settings import Settings
@@ -165,6 +166,18 @@ def test_a_synthetic_f1_25_race_has_windows_anomalies_and_predictions(
         ).fetchone()
     assert ("impossible_rpm",) in reasons
     assert scored is not None and scored[0] == len(stored) and scored[1] > 0
+    # The dashboards read the tables: every chart has rows for the game session.
+    with bundle.api_client(settings) as client:
+        rows = {
+            chart: bundle.chart_data(client, settings, chart, run["session_key"])
+            for chart in bundle.bundle_chart_uuids()
+        }
+    empty = [r["slice_name"] for r in rows.values() if r["rowcount"] == 0]
+    assert not empty, f"charts with no rows for {run['session_key']}: {empty}"
+
+
+def test_the_listener_hears_only_this_machine_by_default() -> None:
+    assert UdpListener(settings=Settings()).bind_to == ("127.0.0.1", 20777)
 
 
 def test_no_datagram_stops_the_listener(
