@@ -94,7 +94,12 @@ def live(settings: Settings, seconds: float = 600.0) -> dict[str, Any]:
             )
         )
         thread.start()
-        time.sleep(5)  # the listener binds, the consumer joins its group
+        # Send once the consumer holds its partitions (a new group's first join
+        # takes seconds: its wait would count as latency) and the listener is up.
+        deadline = time.monotonic() + 120
+        while not consumer.epochs and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
         sent = send_datagrams(session, ("127.0.0.1", port), speed=1.0)
         time.sleep(2)
         listener.terminate()  # SIGTERM: it ends the open run, flushes, reports

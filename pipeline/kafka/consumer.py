@@ -270,9 +270,7 @@ class StreamConsumer:
                     if ended >= partitions_total:
                         self.report.stop_reason = f"run {until_run} complete"
                         break
-                messages = self._consumer.consume(
-                    self.settings.stream_batch_size, timeout=self.settings.stream_batch_wait_s
-                )
+                messages = self._next_batch()
                 if not messages:
                     if now - last_idle_check > 1.0:  # cars of a run that stopped sending
                         last_idle_check = now
@@ -293,6 +291,17 @@ class StreamConsumer:
             if self._conn is not None:
                 self._conn.close()
         return self.report
+
+    def _next_batch(self) -> list[Any]:
+        """Batch by what has arrived, not by a fixed wait: block only for the
+        first message, then take what is already buffered. At a low rate a
+        sample waits for no batch to fill; at a high rate batches grow by
+        themselves while the previous one is processed."""
+        assert self._consumer is not None
+        first = self._consumer.consume(1, timeout=self.settings.stream_batch_wait_s)
+        if not first or self.settings.stream_batch_size == 1:
+            return list(first)
+        return [*first, *self._consumer.consume(self.settings.stream_batch_size - 1, timeout=0)]
 
     def _close_idle_cars(self) -> None:
         """With nothing to read: close the windows of cars that went silent, and
