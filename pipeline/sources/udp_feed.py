@@ -19,7 +19,8 @@ then, so every value is one the feed had delivered at the sample's time.
 - **Runs**: a run starts once the session's Session and Participants packets
   have arrived (they name the run and its drivers; the telemetry that came
   before them, at most `PENDING_KEPT` packets, is kept and sent then). A run
-  ends on the Event `SEND`, on a new session UID, or when the listener stops;
+  ends on the Event `SEND`, on a new session UID, on an `SSTA` of its own
+  session (restarted, or a recording sent again), or when the listener stops;
   its end markers close the windows, and `verify` works as for a replay.
 - A flashback rewinds the game's session time: the samples after it carry
   earlier event times and new seqs; windows already closed mark them late.
@@ -131,11 +132,18 @@ class GameFeed:
         if uid == 0:
             self.counts["outside_session"] += 1
             return []
-        if uid in self._ended:
-            self.counts["after_session_end"] += 1
-            return []
         events: list[FeedEvent] = []
         session = self._session
+        restart = int(head["packet_id"]) == packets.EVENT and packets.as_code(packet) == "SSTA"
+        if restart:  # the session (re)starts: a restarted session, a recording sent again
+            self._ended.discard(uid)
+            if session is not None and session.uid == uid and session.run is not None:
+                events += self._end(session, "the session started again (SSTA)")
+                self._ended.discard(uid)
+                session = None
+        if uid in self._ended:
+            self.counts["after_session_end"] += 1
+            return events
         if session is None or session.uid != uid:
             if session is not None:
                 events += self._end(session, "a new session began")

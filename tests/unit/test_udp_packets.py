@@ -191,6 +191,18 @@ def test_a_new_session_uid_ends_the_run_and_starts_another() -> None:
     assert counts["after_session_end"] == len(late) > 0  # the ended session's late packets
 
 
+def test_a_session_started_again_is_a_new_run(recording: list[tuple[float, bytes]]) -> None:
+    # The recording sent twice (same session UID; it never sends SEND): SSTA ends the
+    # first run, the second is a run of its own with seqs and event times from the start.
+    events, _ = _feed(recording + recording)
+    starts = [e.run for e in events if isinstance(e, udp_feed.RunStarted)]
+    ends = [e.reason for e in events if isinstance(e, udp_feed.RunEnded)]
+    assert len(starts) == 2 and starts[0].session_key == starts[1].session_key
+    assert ends == ["the session started again (SSTA)", "the listener stopped"]
+    second = [s for s in _samples(events) if s.run_id == starts[1].run_id]
+    assert [s.seq for s in second] == list(range(57))
+
+
 def test_recordings_round_trip_and_damage_is_one_clear_error(tmp_path: Path) -> None:
     datagrams = list(synthetic_session(fmt=2024, cars=2, laps=1, rate_hz=5, lap_s=20))
     path = tmp_path / "session.bin"
