@@ -90,7 +90,9 @@ def f1_udp_live() -> None:
         members = [f"{run_id}-consumer-{i + 1}" for i in range(int(params["consumers"]))]
         return {"address": address, "started": started, "members": members}
 
-    @task(execution_timeout=LONG_RUNNING)
+    # A retried listener starts afresh: a session under way becomes a new run as
+    # soon as its next Session and Participants packets name it (within 5 s).
+    @task(execution_timeout=LONG_RUNNING, retries=2, retry_delay=pendulum.duration(seconds=5))
     def listen(live: dict, params: dict | None = None) -> dict:  # type: ignore[type-arg]
         from dataclasses import asdict
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from pipeline.sources import udp_packets
 from pipeline.sources.udp_recording import read_recording, send_datagrams, write_recording
 from pipeline.sources.udp_synth import synthetic_session
 from pipeline.stack import airflow_server
-from tests.integration.streams import assert_windows_match, consumer_process, wait_ok
+from tests.integration.streams import F1, assert_windows_match, consumer_process, wait_ok
 
 
 def _free_port() -> int:
@@ -255,3 +256,51 @@ def test_udp_live_dag_runs_under_airflow_dags_test(
             (settings.telemetry_topic,),
         ).fetchall()
     assert len(runs) == 1 and runs[0][1] == runs[0][2] > 0, runs
+
+
+def _bound(port: int) -> bool:
+    """Whether something listens on the UDP port (our own bind is refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def test_the_cli_writes_replays_listens_and_reports(
+    isolated: tuple[Settings, dict[str, str]], tmp_path: Path
+) -> None:
+    _, env = isolated
+    recording, report_file = tmp_path / "race.bin", tmp_path / "report.json"
+    synth = subprocess.run(
+        [F1, "udp", "synth", str(recording), "--format", "2024", "--cars", "3", "--laps", "1",
+         "--rate", "10", "--lap-seconds", "20"],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    written = int(synth.stdout.split()[0].replace(",", ""))
+    inspect = subprocess.run([F1, "udp", "inspect", str(recording)], env=env,
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "parsed:CarTelemetry" in inspect and "ignored:Motion" in inspect
+    port = _free_port()
+    listener = subprocess.Popen(
+        [F1, "udp", "listen", "--address", f"127.0.0.1:{port}", "--report-json", str(report_file)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _bound(port) and listener.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        subprocess.run([F1, "udp", "replay", str(recording), "--address", f"127.0.0.1:{port}",
+                        "--speed", "0"], env=env, check=True, capture_output=True)  # fmt: skip
+        time.sleep(2)  # loopback delivers at once; the listener handles what it has
+    finally:
+        listener.terminate()  # SIGTERM: ends open runs, flushes, reports
+        output, _ = listener.communicate(timeout=60)
+    assert listener.returncode == 0, output[-3000:]
+    report = json.loads(report_file.read_text())
+    assert report["received"] == written and report["stop_reason"] == "stop requested"
+    [run] = report["runs"]
+    assert run["ended"] == "the game ended the session (SEND)"
+    assert run["delivered"] == report["samples_produced"] > 0
+    assert f"run {run['run_id']}" in output
