@@ -180,3 +180,31 @@ def wait_ok(process: Any, timeout: float = 600) -> str:
         output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output[-3000:]
     return str(output)
+
+
+def register_toy_champion(models: Settings, label: str = "pit_stop") -> tuple[str, int, Any]:
+    """A small XGBoost model over the stream's features, registered under the
+    scratch prefix of `models` and made `champion` (this is about serving, not
+    skill). Returns (registered name, version, the feature matrix it was fit on)."""
+    import mlflow
+    import xgboost
+
+    from pipeline.ml.features import FEATURES
+    from pipeline.ml.train import CHAMPION, registered_name
+
+    name = registered_name(label, models)
+    x = np.random.default_rng(3).random((400, len(FEATURES)))
+    booster = xgboost.train(
+        {"objective": "binary:logistic"},
+        xgboost.DMatrix(x, label=x[:, 0] > 0.5, feature_names=list(FEATURES)),
+        num_boost_round=5,
+    )
+    mlflow.set_tracking_uri(models.mlflow_tracking_uri)
+    mlflow.set_experiment(name)
+    with mlflow.start_run(run_name="toy champion"):
+        info = mlflow.xgboost.log_model(booster, name="model", registered_model_name=name)
+    version = int(info.registered_model_version)
+    mlflow.MlflowClient(models.mlflow_tracking_uri).set_registered_model_alias(
+        name, CHAMPION, str(version)
+    )
+    return name, version, x

@@ -54,6 +54,7 @@ from tests.integration.streams import (
     assert_windows_match,
     consumer_process,
     output_of,
+    register_toy_champion,
     stored_samples,
     stored_windows,
     subprocess_env,
@@ -524,30 +525,14 @@ def test_mlflow_down_mid_stream_keeps_the_last_good_model_serving(
     import mlflow
     import xgboost
 
-    from pipeline.ml.features import FEATURES
     from pipeline.ml.registry import scratch_models
-    from pipeline.ml.train import CHAMPION, registered_name
+    from pipeline.ml.train import CHAMPION
 
     settings, env = isolated
     link = RegistryLink(settings)
     try:
         with scratch_models(settings, "fault") as models:
-            # A small model of the right shape: this is about serving, not skill.
-            name = registered_name("pit_stop", models)
-            x = np.random.default_rng(3).random((400, len(FEATURES)))
-            booster = xgboost.train(
-                {"objective": "binary:logistic"},
-                xgboost.DMatrix(x, label=x[:, 0] > 0.5, feature_names=list(FEATURES)),
-                num_boost_round=5,
-            )
-            mlflow.set_tracking_uri(models.mlflow_tracking_uri)
-            mlflow.set_experiment(name)
-            with mlflow.start_run(run_name="mlflow down"):
-                info = mlflow.xgboost.log_model(booster, name="model", registered_model_name=name)
-            version = int(info.registered_model_version)
-            mlflow.MlflowClient(models.mlflow_tracking_uri).set_registered_model_alias(
-                name, CHAMPION, str(version)
-            )
+            name, version, x = register_toy_champion(models)
             run = f"mlflow-down-{uuid.uuid4().hex[:6]}"
             producer = Background(settings, run, speed=8.0, seconds=2 * SLICE_S)
             served = {**env, "MLFLOW_PORT": str(link.port), "MODEL_REFRESH_S": "0.5",

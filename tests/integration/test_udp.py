@@ -22,13 +22,20 @@ import pytest
 from pipeline.dashboards import bundle
 from pipeline.kafka.consumer import verify_run
 from pipeline.kafka.udp_listener import ListenReport, UdpListener
+from pipeline.ml.registry import scratch_models
 from pipeline.settings import Settings
 from pipeline.sinks import telemetry_db
 from pipeline.sources import udp_packets
 from pipeline.sources.udp_recording import read_recording, send_datagrams, write_recording
 from pipeline.sources.udp_synth import synthetic_session
 from pipeline.stack import airflow_server
-from tests.integration.streams import F1, assert_windows_match, consumer_process, wait_ok
+from tests.integration.streams import (
+    F1,
+    assert_windows_match,
+    consumer_process,
+    register_toy_champion,
+    wait_ok,
+)
 
 
 def _free_port() -> int:
@@ -150,7 +157,11 @@ def test_a_synthetic_f1_25_race_has_windows_anomalies_and_predictions(
     send_datagrams(datagrams, listening.address, speed=4.0)
     [run] = listening.wait_for_runs(1)
     listening.close()
-    stored = _check_run(settings, env, run)
+    # A champion of its own, so the test does not depend on the demo's models.
+    with scratch_models(settings, "udp") as models:
+        register_toy_champion(models)
+        served = {**env, "MODEL_NAME_PREFIX": models.model_name_prefix}
+        stored = _check_run(settings, served, run)
     assert (
         stored.groupby("driver_number").size().nunique() == 1
         and stored["driver_number"].nunique() == 22
@@ -168,6 +179,7 @@ def test_a_synthetic_f1_25_race_has_windows_anomalies_and_predictions(
     assert ("impossible_rpm",) in reasons
     assert scored is not None and scored[0] == len(stored) and scored[1] > 0
     # The dashboards read the tables: every chart has rows for the game session.
+    bundle.import_bundle(settings)  # idempotent: the test does not rely on an earlier import
     with bundle.api_client(settings) as client:
         rows = {
             chart: bundle.chart_data(client, settings, chart, run["session_key"])
