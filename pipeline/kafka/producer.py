@@ -214,17 +214,19 @@ class RunPublisher:
 
     def end_markers(self) -> None:
         """Wait for every delivery, then send each partition its end marker."""
-        _flush(self.producer)
-        self.report.per_partition = dict(sorted(self.delivered.items()))
-        self.report.delivered = sum(self.delivered.values())
+        self._tally()
         _send_end_markers(self.producer, self.settings, self.report, self.source)
 
     def finish(self) -> None:
         """Flush and record the run's end (also after a failure)."""
+        self._tally()
+        _record_run_end(self.settings, self.report)
+
+    def _tally(self) -> None:
+        """Wait for every delivery report, then count what was delivered."""
         _flush(self.producer)
         self.report.per_partition = dict(sorted(self.delivered.items()))
         self.report.delivered = sum(self.delivered.values())
-        _record_run_end(self.settings, self.report)
 
 
 def _produce(producer: Any, topic: str, value: bytes, key: bytes, headers: Any, cb: Any) -> None:

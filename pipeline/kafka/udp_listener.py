@@ -126,8 +126,6 @@ class UdpListener:
             log.info("listening for the F1 game's UDP telemetry on %s", self.address)
             sender = self._start_replay()
             last_log = started
-            buffer = bytearray(MAX_DATAGRAM)
-            view = memoryview(buffer)
             while not self.stop.is_set():
                 now = time.monotonic()
                 if duration_s is not None and now - started >= duration_s:
@@ -137,7 +135,7 @@ class UdpListener:
                     last_log = now
                     log.info("%s", self._summary())
                 try:
-                    size = sock.recv_into(buffer)
+                    datagram = sock.recv(MAX_DATAGRAM)
                 except TimeoutError:
                     self._producer.poll(0)
                     if sender is not None and not sender.is_alive():
@@ -145,9 +143,8 @@ class UdpListener:
                         break
                     continue
                 received_us = time.time_ns() // 1000
-                datagram = bytes(view[:size])
                 self.report.received += 1
-                self.report.bytes_received += size
+                self.report.bytes_received += len(datagram)
                 if out is not None:
                     self._forward(out, datagram)
                 if recorder is not None:

@@ -28,7 +28,6 @@ then, so every value is one the feed had delivered at the sample's time.
 
 from __future__ import annotations
 
-import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -293,7 +292,3 @@ def _samples(
         schema.TelemetrySample(**common, **dict(zip(names, values, strict=True)))
         for values in zip(*columns.values(), strict=True)
     ]
-
-
-def wall_us() -> int:
-    return time.time_ns() // 1000
