@@ -283,7 +283,7 @@ def _bound(port: int) -> bool:
 def test_the_cli_writes_replays_listens_and_reports(
     isolated: tuple[Settings, dict[str, str]], tmp_path: Path
 ) -> None:
-    _, env = isolated
+    settings, env = isolated
     recording, report_file = tmp_path / "race.bin", tmp_path / "report.json"
     synth = subprocess.run(
         [F1, "udp", "synth", str(recording), "--format", "2024", "--cars", "3", "--laps", "1",
@@ -305,7 +305,16 @@ def test_the_cli_writes_replays_listens_and_reports(
             time.sleep(0.2)
         subprocess.run([F1, "udp", "replay", str(recording), "--address", f"127.0.0.1:{port}",
                         "--speed", "0"], env=env, check=True, capture_output=True)  # fmt: skip
-        time.sleep(2)  # loopback delivers at once; the listener handles what it has
+        # The synthetic session ends with SEND: wait for the listener to end its run.
+        with telemetry_db.connect(settings) as conn:
+            while (
+                time.monotonic() < deadline + 120
+                and not conn.execute(
+                    "SELECT 1 FROM stream_runs WHERE topic = %s AND finished_at IS NOT NULL",
+                    (settings.telemetry_topic,),
+                ).fetchone()
+            ):
+                time.sleep(0.2)
     finally:
         listener.terminate()  # SIGTERM: ends open runs, flushes, reports
         output, _ = listener.communicate(timeout=60)
