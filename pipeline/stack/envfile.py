@@ -41,10 +41,8 @@ def _default_text(field: FieldInfo) -> str:
     if value is PydanticUndefined:
         return ""
     if isinstance(value, Path):
-        try:
-            return str(value.relative_to(PROJECT_ROOT))
-        except ValueError:
-            return str(value)
+        # Relative to the project, so the file is the same in every clone (`../shared/...`).
+        return os.path.relpath(value, PROJECT_ROOT)
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
