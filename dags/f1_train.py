@@ -1,17 +1,21 @@
 """
 ### f1_train
 
-Trains the three models (pit stop, tyre failure proxy, crash risk) on the
-training races and scores them on the validation race, which is never trained
-on (by default 2023 Monaco, also the demo stream). Every run is tracked in
-MLflow (experiments `f1-pit-stop`, `f1-tire-failure`, `f1-crash-risk`); each
-model is registered and gets the alias `champion` only when it beats the
-current champion and the baseline on validation PR-AUC, else `challenger`.
-The consumers serve whatever `champion` points at.
+Trains the three models (pit stop, tyre-cliff proxy, incident) on one row per
+lap of every race the FastF1 caches hold (82 races of 2021-2024 with lap
+timing, three with car telemetry). Everything is chosen on leave-one-race-out
+cross-validation of the development races (hyper-parameters, the decision
+threshold, the champion); the test races (by default the 2024 season) are
+scored once and reported; the demo race is held out of both, so its live
+predictions are out of sample. Every run is tracked in MLflow (experiments
+`f1-pit-stop`, `f1-tire-failure`, `f1-crash-risk`) with per-race base rates
+and scores, the ablation and a model card. A version becomes `champion` when
+it beats its baseline and the champion of the same comparison line (label,
+horizon, races) on cross-validated PR-AUC; else `challenger`. The consumers
+serve whatever `champion` points at.
 
-Tasks: `check_sessions` → `build_data` (features and labels of every race, built
-once, written as Parquet) → `train`, one mapped task per model, all reading that
-data → `summary`; `clean_up` removes the data when the models are done.
+Tasks: `split_races` → `build_lap_tables` (each race's lap table built once and
+kept) → `train`, one mapped task per model → `summary`.
 
 Scheduled on the `f1_telemetry_exports` Asset: a new export retrains.
 """
@@ -35,83 +39,76 @@ EXPORTS = Asset(name=EXPORTS_ASSET_NAME, uri=EXPORTS_ASSET_URI)
     max_active_runs=1,
     tags=["f1", "ml"],
     params={
-        "train_sessions": Param(
-            ["2021_Monaco_R", "2024_Monaco_R"], type="array", items={"type": "string"},
-            title="Training sessions", description="Exports to train on.",
+        "races": Param(
+            [], type="array", items={"type": "string"}, title="Races",
+            description="Race keys such as 2023_Bahrain_R; empty: every race the caches hold.",
         ),
-        "validation_session": Param(
-            "2023_Monaco_R", type="string", title="Validation session",
-            description="Export to score on; never trained on.",
+        "test_season": Param(
+            2024, type="integer", title="Test season",
+            description="Its races are the test races: scored once, never chosen on.",
         ),
-        "horizon_s": Param(
-            60, type="number", exclusiveMinimum=0, title="Horizon (s)",
-            description="A label is 1 when its event starts within this many seconds.",
+        "test_races": Param(
+            [], type="array", items={"type": "string"}, title="Test races",
+            description="Instead of the test season's races.",
         ),
-        "sample_every": Param(
-            4, type="integer", minimum=1, title="Sample every",
-            description="Train on every n-th sample per car (4 = 1 Hz).",
+        "horizon_laps": Param(
+            1, type="integer", minimum=1, title="Horizon (laps)",
+            description="A label is 1 when its event happens on this lap or within n laps.",
         ),
-        "trees": Param(200, type="integer", minimum=1, title="XGBoost trees"),
     },
 )  # fmt: skip
 def f1_train() -> None:
     @task
-    def check_sessions(params: dict | None = None) -> dict:  # type: ignore[type-arg]
-        """Every session exported; returns the training config."""
-        from pipeline.sources.export import read_manifest
+    def split_races(params: dict | None = None) -> dict:  # type: ignore[type-arg]
+        """Which races develop and which test; fails clearly on unknown races."""
+        from dataclasses import asdict
 
-        params = params or {}
-        sessions = [*params["train_sessions"], params["validation_session"]]
-        missing = [s for s in sessions if read_manifest(s) is None]
-        if missing:
-            raise ValueError(f"not exported: {missing}; run f1_export for them first.")
-        if params["validation_session"] in params["train_sessions"]:
-            raise ValueError("the validation session must not be a training session.")
-        return {
-            "train_sessions": list(params["train_sessions"]),
-            "validation_session": params["validation_session"],
-            "horizon_s": float(params["horizon_s"]),
-            "sample_every": int(params["sample_every"]),
-            "n_estimators": int(params["trees"]),
-        }
-
-    @task
-    def build_data(config: dict, run_id: str | None = None) -> str:  # type: ignore[type-arg]
-        """Features and labels of every race, built once and shared by the three models."""
-        from pipeline.ml.train import TrainConfig, save_datasets
+        from pipeline.ml.train import TrainConfig
+        from pipeline.ml.train import split_races as split
         from pipeline.settings import get_settings
 
-        folder = get_settings().stack_dir / "ml-datasets" / str(run_id)
-        return str(save_datasets(TrainConfig.from_dict(config), folder))
+        params = params or {}
+        config = TrainConfig(
+            races=tuple(params["races"]), test_season=int(params["test_season"]),
+            test_races=tuple(params["test_races"]), horizon_laps=int(params["horizon_laps"]),
+        )  # fmt: skip
+        races, _ = split(config, get_settings())
+        print(f"{len(races.development)} development, {len(races.test)} test races; "
+              f"{races.held_out} held out")  # fmt: skip
+        return asdict(config)
+
+    @task
+    def build_lap_tables(config: dict) -> int:  # type: ignore[type-arg]
+        """Each race's lap table, built once and kept for the training tasks."""
+        from pipeline.ml.laps import lap_tables
+        from pipeline.ml.train import TrainConfig
+        from pipeline.ml.train import split_races as split
+        from pipeline.settings import get_settings
+
+        settings = get_settings()
+        _, races = split(TrainConfig.from_dict(config), settings)
+        return len(lap_tables(races, settings, on_race=lambda r: print("lap table", r.key)))
 
     @task(map_index_template="{{ task.op_kwargs['label'] }}")
-    def train(label: str, config: dict, data_folder: str) -> dict:  # type: ignore[type-arg]
-        """Train, evaluate, log to MLflow, register and promote one model."""
+    def train(label: str, config: dict) -> dict:  # type: ignore[type-arg]
+        """Select, test, log to MLflow, register and promote one model."""
         from dataclasses import asdict
-        from pathlib import Path
 
         from pipeline.ml.train import TrainConfig, train_all
 
-        [result] = train_all(
-            TrainConfig.from_dict(config), labels=(label,), data_folder=Path(data_folder)
-        )
+        [result] = train_all(TrainConfig.from_dict(config), labels=(label,))
         return asdict(result)
-
-    @task(trigger_rule="all_done")
-    def clean_up(data_folder: str) -> None:
-        """The shared training data is only for this run."""
-        import shutil
-
-        shutil.rmtree(data_folder, ignore_errors=True)
 
     @task
     def summary(results: list) -> dict:  # type: ignore[type-arg]
-        """One line per model: status, validation PR-AUC vs baseline, alias."""
+        """One line per model: status, test PR-AUC vs baseline and base rate, alias."""
         return {
             r["label"]: {
                 "status": r["status"],
-                "val_pr_auc": r["metrics"].get("val_pr_auc"),
-                "baseline_val_pr_auc": r["metrics"].get("baseline_val_pr_auc"),
+                "test_pr_auc": r["metrics"].get("test_pr_auc"),
+                "baseline_test_pr_auc": r["metrics"].get("baseline_test_pr_auc"),
+                "test_base_rate": r["metrics"].get("test_base_rate"),
+                "cv_pr_auc": r["metrics"].get("cv_pr_auc"),
                 "version": r["version"],
                 "alias": r["alias"],
                 "reason": r["reason"],
@@ -119,13 +116,11 @@ def f1_train() -> None:
             for r in results
         }
 
-    config = check_sessions()
-    data_folder = build_data(config)
-    results = train.partial(config=config, data_folder=data_folder).expand(
-        label=["pit_stop", "tire_failure", "crash_risk"]
-    )
+    config = split_races()
+    laps = build_lap_tables(config)
+    results = train.partial(config=config).expand(label=["pit_stop", "tire_failure", "crash_risk"])
+    laps >> results
     summary(results)
-    results >> clean_up(data_folder)
 
 
 f1_train()

@@ -418,48 +418,68 @@ def train(
     model: Annotated[
         list[str] | None, typer.Option(help="pit_stop, tire_failure, crash_risk (default all).")
     ] = None,
-    horizon: Annotated[float, typer.Option(help="Label horizon, seconds ahead.")] = 60.0,
-    train_session: Annotated[
-        list[str] | None, typer.Option(help="Training export (repeat; default 2021 + 2024).")
+    horizon_laps: Annotated[
+        int, typer.Option(help="Label horizon: the event on this lap (1) or within n laps.")
+    ] = 1,
+    race: Annotated[
+        list[str] | None,
+        typer.Option(help="Race key to use, e.g. 2023_Bahrain_R (repeat; default every race)."),
     ] = None,
-    validation_session: Annotated[
-        str, typer.Option(help="Validation export (never trained on).")
-    ] = "2023_Monaco_R",
-    sample_every: Annotated[int, typer.Option(help="Train on every n-th sample per car.")] = 4,
-    trees: Annotated[int, typer.Option(help="XGBoost trees.")] = 200,
+    test_season: Annotated[int, typer.Option(help="Its races are the test races.")] = 2024,
+    test_race: Annotated[
+        list[str] | None, typer.Option(help="Test race instead of the season's (repeat).")
+    ] = None,
     skip_if_trained: Annotated[
         bool, typer.Option(help="Do nothing when every model has a registered version.")
     ] = False,
 ) -> None:
-    """Train the models, track them in MLflow, register and promote (champion/challenger)."""
+    """Train the models on every race's laps (leave-one-race-out selection, a test
+    season nothing chose on), track them in MLflow, register and promote."""
+    from tqdm import tqdm
+
     from pipeline.ml.labels import LABELS
-    from pipeline.ml.train import TrainConfig, registered_versions, train_all
+    from pipeline.ml.laps import Race
+    from pipeline.ml.train import TrainConfig, prepare, registered_versions, train_one
 
     _setup_logging()
+    settings = get_settings()
     if skip_if_trained:
-        versions = registered_versions(get_settings())
+        versions = registered_versions(settings)
         if all(versions.get(label) for label in LABELS):
             typer.echo(f"models already trained ({versions}); skipped")
             return
-    config = TrainConfig(
-        train_sessions=tuple(train_session or TrainConfig.train_sessions),
-        validation_session=validation_session, horizon_s=horizon,
-        sample_every=sample_every, n_estimators=trees,
-    )  # fmt: skip
-    for session in (*config.train_sessions, config.validation_session):
-        _export_folder(session)
     unknown = set(model or ()) - set(LABELS)
     if unknown:
         _fail(f"unknown model {sorted(unknown)}; choose from {', '.join(LABELS)}")
-    for result in train_all(config, labels=tuple(model or LABELS)):
-        rates = ", ".join(f"{k} {v * 100:.2f} %" for k, v in result.base_rates.items())
-        typer.echo(f"{result.label}: {result.status}; base rates {rates}")
-        if result.metrics:
-            m = result.metrics
+    config = TrainConfig(
+        races=tuple(race or ()), test_season=test_season, test_races=tuple(test_race or ()),
+        horizon_laps=horizon_laps,
+    )  # fmt: skip
+    try:
+        with tqdm(desc="lap tables", unit="race") as bar:
+
+            def tick(race: Race, bar: tqdm = bar) -> None:
+                bar.update(1)
+                bar.set_postfix_str(race.key)
+
+            split, data = prepare(config, settings, on_race=tick)
+    except ValueError as err:
+        _fail(str(err))
+    typer.echo(
+        f"{len(data):,} laps: {len(split.development)} development races, "
+        f"{len(split.test)} test races, {split.held_out} held out (the demo race)"
+    )
+    for label in model or LABELS:
+        result = train_one(label, data, split, config, settings)
+        m = result.metrics
+        typer.echo(f"{label}: {result.status}")
+        if m:
             typer.echo(
-                f"  validation PR-AUC {m['val_pr_auc']:.4f} (baseline "
-                f"{m['baseline_val_pr_auc']:.4f}), ROC-AUC {m['val_roc_auc']:.4f}, "
-                f"F1 {m['val_f1']:.4f}, Brier {m['val_brier']:.5f}; confusion {result.confusion}\n"
+                f"  test PR-AUC {m['test_pr_auc']:.4f} (baseline {m['baseline_test_pr_auc']:.4f}, "
+                f"base rate {m['test_base_rate']:.4f}), ROC-AUC {m['test_roc_auc']:.4f}, "
+                f"Brier {m['test_brier']:.5f}; cross-validated PR-AUC {m['cv_pr_auc']:.4f} "
+                f"(baseline {m['baseline_cv_pr_auc']:.4f}); threshold {m['threshold']:.3f}, "
+                f"confusion on test {result.confusion}\n"
                 f"  v{result.version} -> {result.alias}: {result.reason}"
             )
         else:

@@ -72,7 +72,10 @@ class TelemetrySample(msgspec.Struct, frozen=True, tag="sample", tag_field="kind
     stint: Count | None = None
     compound: Text | None = None
     tyre_life: Annotated[float, msgspec.Meta(ge=0, le=1_000)] | None = None
-    position: Count | None = None
+    position: Count | None = None  # at the line ending the previous lap (or live, from the game)
+    last_lap_s: Annotated[float, msgspec.Meta(ge=0, le=3_600)] | None = None  # previous lap
+    gap_ahead_s: Annotated[float, msgspec.Meta(ge=0, le=86_400)] | None = None  # to the car ahead
+    race_laps: Count | None = None  # scheduled race distance
     is_in_lap: bool = False
     is_out_lap: bool = False
     track_status: Text | None = None

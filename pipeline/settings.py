@@ -19,6 +19,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = PROJECT_ROOT / ".env"
 # The offline FastF1 sample that ships beside the project (../shared/data/...).
 SAMPLE_FASTF1_CACHE = PROJECT_ROOT.parent / "shared" / "data" / "fastf1" / "cache"
+# 82 races of 2021-2024 with lap timing only (no car telemetry): the models' data.
+SAMPLE_FASTF1_LAPS_CACHE = PROJECT_ROOT.parent / "shared" / "data" / "fastf1-laps" / "cache"
 SAMPLE_UDP_RECORDING = (
     PROJECT_ROOT.parent / "shared" / "data" / "f1-udp" / "full_lap_20260112_160501.bin"
 )
@@ -221,6 +223,15 @@ class Settings(BaseSettings):
     fastf1_cache_dir: Path = Field(
         default_factory=_default_fastf1_cache,
         description="FastF1 cache folder; the offline sample beside the project where it exists.",
+    )
+    fastf1_laps_cache_dir: Path = Field(
+        SAMPLE_FASTF1_LAPS_CACHE,
+        description="FastF1 cache of races with lap timing only: with FASTF1_CACHE_DIR's races, "
+        "what the models train and are tested on (read offline, never written).",
+    )
+    laps_dir: Path = Field(
+        PROJECT_ROOT / "data" / "laps",
+        description="Where each race's lap table (the models' data, built once) is kept.",
     )
     export_dir: Path = Field(
         PROJECT_ROOT / "data" / "exports",

@@ -19,10 +19,12 @@ def run(
     import mlflow
     import numpy as np
 
-    from pipeline.ml import dataset
+    from pipeline.ml.features import race_features
+    from pipeline.sources.replay import load_samples
 
-    features = dataset.build(settings.demo_session, settings=settings).features
-    matrix = features[list(FEATURES)].to_numpy(dtype="float32")
+    samples = load_samples(settings.export_dir / settings.demo_session)
+    features = race_features(samples)  # the demo race's samples, as the stream scores them
+    matrix = features.dropna(subset=["lap_number"])[list(FEATURES)].to_numpy(dtype="float32")
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     figures: dict[str, Any] = {}
     for label in LABELS:

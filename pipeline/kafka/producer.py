@@ -34,8 +34,8 @@ SOURCE = "fastf1-replay"
 # Message fields taken straight from the export's columns.
 PLAIN_FIELDS = (
     "driver_number", "driver", "session_time_s", "speed", "rpm", "gear", "throttle",
-    "lap_number", "stint", "compound", "tyre_life", "position", "is_in_lap", "is_out_lap",
-    "track_status", "resampled",
+    "lap_number", "stint", "compound", "tyre_life", "position", "last_lap_s", "gap_ahead_s",
+    "race_laps", "is_in_lap", "is_out_lap", "track_status", "resampled",
 )  # fmt: skip
 
 
@@ -85,7 +85,7 @@ def message_columns(samples: pd.DataFrame, run_id: str, session_key: str) -> dic
         else:
             values = column
         columns[name] = values.tolist()
-    for name in ("lap_number", "stint", "position"):  # whole numbers stored as float
+    for name in ("lap_number", "stint", "position", "race_laps"):  # whole numbers stored as float
         columns[name] = [None if v is None else int(v) for v in columns[name]]
     columns["brake"] = np.where(samples["brake"].to_numpy(dtype=bool), 100.0, 0.0).tolist()
     drs = samples["drs"].to_numpy()

@@ -27,6 +27,8 @@ CAR_FIELDS = (
     "gear", "rpm", "throttle", "brake", "drs_open", "compound", "tyre_life", "anomalies",
 )  # fmt: skip
 PREDICTIONS = ("pit_stop_p", "tire_failure_p", "crash_risk_p")
+# At each served version's own threshold (pipeline.ml.serving): what the page highlights.
+MODEL_ALERTS = ("pit_stop_alert", "tire_failure_alert", "crash_risk_alert")
 ALERT_FIELDS = ("run", "session_key", "driver", "date_us", "reason", "value")
 
 
@@ -82,6 +84,14 @@ def batch_update(
             rows.append([None] * len(latest))
         else:
             rows.append(_floats(column.iloc[last].astype(float), 4))
+    for name in MODEL_ALERTS:
+        fields.append(name)
+        column = predictions.get(name) if predictions is not None else None
+        rows.append(
+            [None] * len(latest)
+            if column is None
+            else [None if v is None or v != v else bool(v) for v in column.iloc[last].tolist()]
+        )
     newest = alerts.sort_values("date_us").tail(MAX_ALERTS) if len(alerts) else alerts
     update: dict[str, Any] = {
         "consumer": consumer,

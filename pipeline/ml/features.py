@@ -1,19 +1,27 @@
-"""Model features: one implementation for training and for the stream.
+"""Model features: lap-level, one implementation for training and for the stream.
 
-Features of a sample use only the sample and its car's previous samples
-(causal), over the last WINDOW samples (~5 s at 4 Hz). Training computes them
-per car over a whole race; the consumer computes them per car over each batch,
-prefixed by the car's last WINDOW samples kept in its state. The rolling
-windows see the same samples either way, so the features are identical
-(tests/unit/test_features.py feeds the same race through both paths).
+A sample's features are those of the lap it is in, computed from what the
+feed had delivered when the lap began: the lap context every message carries
+(`pipeline.sources.lap_context`: tyres, stint, the previous lap's time, place
+and gap, the race distance), the track status at the lap's first sample, and
+the car's earlier laps of the same stint (pace against the stint's best, the
+trend over its last three laps). Nothing a lap only reveals at its end (the
+in-lap flag, the lap's own time or finishing place) is an input, so every
+feature of a sample at time t uses only what was known by t
+(tests/unit/test_features.py cuts real races at random instants to prove it).
 
-Left out on purpose: `is_in_lap`. In the export it comes from the lap's
-pit-in time, which is only known when the car reaches the pit entry, so it
-would hand the pit-stop model its answer.
+Why lap-level: the pit, tyre and incident calls are lap-level decisions, and
+lap timing exists for every race of 2021-2024 (`pipeline.ml.laps`), while car
+telemetry exists for three. Training reads one row per lap (`lap_table_features`);
+the stream gives each sample its lap's row, computed once, when the car's first
+sample of the lap arrives (`batch_features`, state kept per car across batches
+and restarts). Both call `_lap_row`, so they agree by construction; the tests
+check it on whole races through the consumer's code.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -21,34 +29,33 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-WINDOW = 20
-HISTORY_CHANNELS = ("speed", "rpm", "throttle", "brake", "gear")
 COMPOUNDS = {"SOFT": 0, "MEDIUM": 1, "HARD": 2, "INTERMEDIATE": 3, "WET": 4}
+RED_FLAG = 5.0  # FastF1 track status: the race is stopped (not a racing lap)
 
-FEATURES = (
-    "speed", "rpm", "gear", "throttle", "brake", "drs_open",
-    "lap_number", "stint", "tyre_life", "position", "is_out_lap", "compound_code",
-    "track_status_code",
-    "speed_mean_5s", "speed_min_5s", "speed_max_5s", "rpm_mean_5s", "throttle_mean_5s",
-    "brake_share_5s", "gear_changes_5s", "speed_change", "lap_elapsed_s",
+# Feature groups: what the ablation in the model card removes one at a time.
+FEATURE_GROUPS: dict[str, tuple[str, ...]] = {
+    "tyres": ("stint", "tyre_life", "compound_code", "is_out_lap"),
+    "race": ("lap_number", "laps_remaining", "race_progress"),
+    "pace": ("last_lap_s", "pace_vs_stint_best", "pace_trend_3"),
+    "order": ("position", "gap_ahead_s"),
+    "track": ("track_status_code",),
+}
+FEATURES: tuple[str, ...] = tuple(f for group in FEATURE_GROUPS.values() for f in group)
+
+# The lap row: the fields of a lap's first sample (or of the lap table) features come from.
+ROW_FIELDS = (
+    "lap_number", "stint", "compound_code", "tyre_life", "position", "last_lap_s",
+    "gap_ahead_s", "race_laps", "is_out_lap", "track_status_code",
 )  # fmt: skip
+# A stint's first two rows carry the in-lap of the stint before and the out-lap (or
+# lap 1's standing start): not laps to judge the stint's pace by.
+UNREPRESENTATIVE_ROWS = 2
 
-History = dict[str, list[float]]  # per channel; "lap" holds [lap number, its first time]
-
-
-def _rolling(values: np.ndarray, reducer: str) -> np.ndarray:
-    """Causal rolling reduction over WINDOW values (fewer at the very start).
-    `values` are the car's history followed by its new samples."""
-    import numpy as np
-    from numpy.lib.stride_tricks import sliding_window_view
-
-    padded = np.concatenate((np.full(WINDOW - 1, np.nan), values.astype(float)))
-    windows = sliding_window_view(padded, WINDOW)
-    return getattr(np, f"nan{reducer}")(windows, axis=1)  # type: ignore[no-any-return]
+History = dict[str, list[float]]  # a car's state: see `_lap_row`
 
 
-def _sample_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Features of each sample alone, vectorized over the whole frame."""
+def row_fields(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """ROW_FIELDS of every row of `frame` (messages' columns, or the lap table's) as floats."""
     import numpy as np
     import pandas as pd
 
@@ -58,118 +65,102 @@ def _sample_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
 
     compound = frame["compound"].astype("string").str.upper().map(COMPOUNDS)
     status = pd.to_numeric(frame["track_status"].astype("string").str[:1], errors="coerce")
-    return {
-        **{
-            c: numeric(c)
-            for c in (
-                "speed",
-                "rpm",
-                "gear",
-                "throttle",
-                "brake",
-                "lap_number",
-                "stint",
-                "tyre_life",
-                "position",
-            )
-        },
-        "drs_open": frame["drs_open"].to_numpy(dtype=float),
-        "is_out_lap": frame["is_out_lap"].to_numpy(dtype=float),
-        "compound_code": compound.to_numpy(dtype=float, na_value=np.nan),
-        "track_status_code": status.to_numpy(dtype=float, na_value=np.nan),
-        "session_time_s": frame["session_time_s"].to_numpy(dtype=float),
+    fields = {
+        c: numeric(c)
+        for c in ("lap_number", "stint", "tyre_life", "position", "last_lap_s", "gap_ahead_s",
+                  "race_laps")
+    }  # fmt: skip
+    fields["is_out_lap"] = frame["is_out_lap"].to_numpy(dtype=float)
+    fields["compound_code"] = compound.to_numpy(dtype=float, na_value=np.nan)
+    fields["track_status_code"] = status.to_numpy(dtype=float, na_value=np.nan)
+    return fields
+
+
+def _lap_row(row: Sequence[float], history: History) -> list[float]:
+    """The features of one lap (`row`: ROW_FIELDS values) given the car's earlier
+    laps; updates `history` in place: `stint`, `rows` (the stint's rows so far),
+    `times` (its representative lap times), `lap` (this lap's number) and
+    `current` (this lap's features, for the samples that follow)."""
+    values = dict(zip(ROW_FIELDS, row, strict=True))
+    stint = values["stint"]
+    if history.get("stint") != [stint]:
+        history.update(stint=[stint], rows=[0.0], times=[])
+    in_stint = int(history["rows"][0])
+    history["rows"] = [in_stint + 1.0]
+    last = values["last_lap_s"]
+    times = history["times"]
+    representative = in_stint >= UNREPRESENTATIVE_ROWS and math.isfinite(last)
+    trend = last - sorted(times[-3:])[1] if representative and len(times) >= 3 else math.nan
+    if representative:
+        times.append(last)
+        del times[:-50]  # bounded: a stint's best lies among its recent laps anyway
+    best = min(times) if representative else math.nan
+    laps, total = values["lap_number"], values["race_laps"]
+    features = {
+        "stint": stint,
+        "tyre_life": values["tyre_life"],
+        "compound_code": values["compound_code"],
+        "is_out_lap": values["is_out_lap"],
+        "lap_number": laps,
+        "laps_remaining": total - laps,
+        "race_progress": laps / total if total else math.nan,
+        "last_lap_s": last,
+        "pace_vs_stint_best": last / best - 1 if representative else math.nan,
+        "pace_trend_3": trend,
+        "position": values["position"],
+        "gap_ahead_s": values["gap_ahead_s"],
+        "track_status_code": values["track_status_code"],
     }
+    history["current"] = [features[f] for f in FEATURES]
+    return history["current"]
 
 
-def _car_rolling(
-    values: dict[str, np.ndarray], history: History | None
-) -> tuple[dict[str, np.ndarray], History]:
-    """The history-dependent features of one car's new samples (numpy only)."""
-    import numpy as np
-
-    history = history or {**{c: [] for c in HISTORY_CHANNELS}, "lap": []}
-    kept = len(history["speed"])
-    full = {c: np.concatenate((np.asarray(history[c], dtype=float), values[c]))
-            for c in HISTORY_CHANNELS}  # fmt: skip
-    new = slice(kept, None)
-    gear = full["gear"]
-    # The oldest history value's change is unknown, but no window of a new
-    # sample reaches it: the history holds WINDOW values, windows reach back WINDOW - 1.
-    changed = np.concatenate(([0.0], (gear[1:] != gear[:-1]).astype(float)))
-    speed = full["speed"]
-    lap_elapsed, lap_state = _lap_elapsed(values["lap_number"], values["session_time_s"],
-                                          history["lap"])  # fmt: skip
-    rolled = {
-        "speed_mean_5s": _rolling(speed, "mean")[new],
-        "speed_min_5s": _rolling(speed, "min")[new],
-        "speed_max_5s": _rolling(speed, "max")[new],
-        "rpm_mean_5s": _rolling(full["rpm"], "mean")[new],
-        "throttle_mean_5s": _rolling(full["throttle"], "mean")[new],
-        "brake_share_5s": _rolling((full["brake"] >= 50).astype(float), "mean")[new],
-        "gear_changes_5s": _rolling(changed, "sum")[new],
-        "speed_change": np.concatenate(([0.0], np.diff(speed)))[new],
-        "lap_elapsed_s": lap_elapsed,
-    }
-    next_history = {**{c: full[c][-WINDOW:].tolist() for c in HISTORY_CHANNELS}, "lap": lap_state}
-    return rolled, next_history
+def _fresh_history(history: History | None) -> History:
+    # `lap`: the highest lap seen. A state written by an older feature set starts afresh.
+    return history if history and "current" in history else {"lap": [math.nan]}
 
 
 def batch_features(
     frame: pd.DataFrame, cars: Sequence[tuple[np.ndarray, History | None]]
 ) -> tuple[pd.DataFrame, list[History]]:
     """Features of the rows of `frame` listed per car (`cars`: each car's row
-    positions in order, with its history). Per-sample features are computed
-    once for the frame; only the rolling part runs per car. Returns the
-    features (indexed by row position) and each car's next history."""
+    positions in arrival order, with its state). A lap's features are computed
+    at its first sample, only there (a handful per batch); the lap's other
+    samples take them over. Samples outside a lap get none (NaN). Returns the
+    features (indexed by row position) and each car's next state."""
     import numpy as np
     import pandas as pd
 
-    sample = _sample_features(frame)
-    columns = {name: np.full(len(frame), np.nan) for name in FEATURES}
-    for name in FEATURES:
-        if name in sample:
-            columns[name] = sample[name]
+    fields = row_fields(frame)
+    matrix = np.column_stack([fields[f] for f in ROW_FIELDS]) if len(frame) else None
+    out = np.full((len(frame), len(FEATURES)), np.nan)
     histories = []
-    for rows, history in cars:
-        rolled, next_history = _car_rolling({k: v[rows] for k, v in sample.items()}, history)
-        for name, values in rolled.items():
-            columns[name][rows] = values
-        histories.append(next_history)
+    for rows, previous in cars:
+        history = _fresh_history(previous)
+        laps = fields["lap_number"][rows]
+        # A lap starts at the first sample past the highest lap seen; a straggler
+        # from an earlier lap takes the current lap's features (it cannot go back).
+        seen = np.fmax.accumulate(np.concatenate((history["lap"], laps)))[:-1]
+        starts = np.flatnonzero((laps > seen) | (np.isnan(seen) & ~np.isnan(laps)))
+        lap_rows = [history.get("current", [math.nan] * len(FEATURES))]
+        for start in starts:
+            assert matrix is not None
+            lap_rows.append(list(_lap_row(matrix[rows[start]], history)))
+        which = np.zeros(len(rows), dtype=int)
+        which[starts] = np.arange(1, len(starts) + 1)
+        which = np.maximum.accumulate(which)
+        car_out = np.asarray(lap_rows, dtype=float)[which]
+        car_out[np.isnan(laps)] = np.nan
+        out[rows] = car_out
+        history["lap"] = [float(np.fmax.reduce(np.concatenate((history["lap"], laps))))]
+        histories.append(history)
     chosen = np.concatenate([rows for rows, _ in cars]) if cars else np.array([], dtype=int)
-    features = pd.DataFrame({name: columns[name][chosen] for name in FEATURES}, index=chosen)
+    features = pd.DataFrame(out[chosen], columns=list(FEATURES), index=chosen)
     return features, histories
 
 
-def car_features(car: pd.DataFrame, history: History | None = None) -> tuple[pd.DataFrame, History]:
-    """Features of one car's samples (in order), given the samples before them
-    (`history`: the last WINDOW values per channel, or None at the start).
-    Returns the features (indexed like `car`) and the history for the next call."""
-    import numpy as np
-
-    features, [next_history] = batch_features(car, [(np.arange(len(car)), history)])
-    return features.set_axis(car.index), next_history
-
-
-def _lap_elapsed(
-    lap: np.ndarray, times: np.ndarray, lap_state: list[float]
-) -> tuple[np.ndarray, list[float]]:
-    """Seconds since the car's first sample of its current lap (NaN outside laps):
-    how far into the lap it is, which the position data would have told."""
-    import numpy as np
-
-    previous = np.concatenate(([lap_state[0] if lap_state else np.nan], lap[:-1]))
-    starts = ~((lap == previous) | (np.isnan(lap) & np.isnan(previous)))
-    start_time = np.where(starts, times, np.nan)
-    if len(lap) and not starts[0] and lap_state:
-        start_time[0] = lap_state[1]
-    known = np.where(~np.isnan(start_time), np.arange(len(start_time)), 0)
-    start_time = start_time[np.maximum.accumulate(known)] if len(lap) else start_time  # ffill
-    elapsed = np.where(np.isnan(lap), np.nan, times - start_time)
-    return elapsed, [float(lap[-1]), float(start_time[-1])] if len(lap) else lap_state
-
-
 def race_features(samples: pd.DataFrame) -> pd.DataFrame:
-    """Features of a whole race (the training path): each car from its start."""
+    """Features of a whole race of samples (each car from its start), indexed like `samples`."""
     import numpy as np
 
     positions = np.arange(len(samples))
@@ -177,3 +168,31 @@ def race_features(samples: pd.DataFrame) -> pd.DataFrame:
     cars = [(positions[driver == number], None) for number in dict.fromkeys(driver.tolist())]
     features, _ = batch_features(samples, cars)
     return features.sort_index().set_axis(samples.index)
+
+
+def lap_table_features(laps: pd.DataFrame) -> pd.DataFrame:
+    """Features of a lap table (one row per lap: race, driver_number and the lap
+    context columns, with the track status at the lap's start), indexed like `laps`."""
+    import numpy as np
+    import pandas as pd
+
+    fields = row_fields(laps)
+    matrix = np.column_stack([fields[f] for f in ROW_FIELDS])
+    out = np.full((len(laps), len(FEATURES)), np.nan)
+    car_keys = [c for c in ("race", "driver_number") if c in laps.columns]  # one car in one race
+    order = laps.assign(_at=np.arange(len(laps))).sort_values([*car_keys, "lap_number"])
+    for _, car in order.groupby(car_keys, sort=False):
+        history = _fresh_history(None)
+        for at in car["_at"].to_numpy():
+            out[at] = _lap_row(matrix[at], history)
+    return pd.DataFrame(out, columns=list(FEATURES), index=laps.index)
+
+
+def in_domain(features: pd.DataFrame) -> np.ndarray:
+    """Samples the models were trained for: inside a racing lap. The grid, the
+    garage, the parade after the flag (no lap) and a stopped race are not."""
+    import numpy as np
+
+    laps = features["lap_number"].to_numpy()
+    status = features["track_status_code"].to_numpy()
+    return np.asarray(~np.isnan(laps) & (status != RED_FLAG))

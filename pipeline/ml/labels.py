@@ -1,15 +1,18 @@
-"""Labels from the real side tables of an export, one per model.
+"""Labels from real timing, one per model, per lap.
 
-Each label marks a sample 1 when an event of the car starts within the next
-`horizon_s` seconds of session time (strictly after the sample, at most
-horizon_s later). What each event is, honestly:
+Each label marks a lap 1 when an event of the car happens during that lap or
+the next `horizon_laps - 1` laps (horizon 1: during this lap). The models
+predict it at the lap's start, from what the feed had delivered by then
+(`pipeline.ml.features`). What each event is, honestly:
 
-- pit_stop: the car crosses the pit entry (`PitInTime` of its lap in FastF1's
-  laps table). Exact, from timing.
+- pit_stop: the car enters the pits at the end of the lap (FastF1's `PitInTime`
+  on it). Exact, from timing. A lap under a red flag is no pit stop (every car
+  enters the pit lane when the race is stopped) and is out of the models' domain.
 - tire_failure: the feed has no tyre-failure signal. The proxy is a
   *degradation cliff*: a green-flag racing lap (not an in- or out-lap, track
   status all clear) slower than the median of the same stint's previous three
-  such laps by more than CLIFF_LOSS (3 %). It measures a sudden loss of pace
+  such laps by more than CLIFF_LOSS (3 %), lap times corrected to the same fuel
+  load (FUEL_EFFECT_S per lap of fuel burnt). It measures a sudden loss of pace
   within a stint, which worn tyres cause, but so do traffic and small mistakes;
   it does not see punctures or failures.
 - crash_risk: race control's first notice of an on-track incident names the
@@ -31,26 +34,26 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     import numpy as np
     import pandas as pd
 
 LABELS = ("pit_stop", "tire_failure", "crash_risk")
 DEFINITIONS = {
-    "pit_stop": "The car crosses the pit entry within the horizon (FastF1 laps: PitInTime). "
-    "Exact, from timing.",
-    "tire_failure": "Proxy: a degradation cliff starts within the horizon: a green-flag racing "
-    "lap (no pit in/out, track clear) over 3 % slower than the median of the same stint's "
-    "previous three such laps. Measures a sudden loss of pace in a stint; worn tyres cause it, "
-    "but so do traffic and small mistakes. It does not see punctures or real failures.",
-    "crash_risk": "Race control's first notice of an on-track incident names the car within "
-    "the horizon (collisions, unsafe rejoins, leaving the track, spins, stopped cars), timed at "
-    "the onset of the yellow/SC/VSC/red that preceded the notice by up to 60 s. Procedural "
-    "notices and the stewards' follow-ups are not events; a notice naming no car is left out.",
+    "pit_stop": "The car enters the pits at the end of the lap (FastF1 laps: PitInTime), within "
+    "the horizon's laps. Exact, from timing; red-flag laps are out of the domain.",
+    "tire_failure": "Proxy: a degradation cliff lap within the horizon: a green-flag racing "
+    "lap (no pit in/out, track clear) over 3 % slower, fuel-corrected, than the median of the "
+    "same stint's previous three such laps. Measures a sudden loss of pace in a stint; worn "
+    "tyres cause it, but so do traffic and small mistakes. It does not see punctures.",
+    "crash_risk": "Race control's first notice of an on-track incident names the car during "
+    "the horizon's laps (collisions, unsafe rejoins, leaving the track, spins, stopped cars), "
+    "timed at the onset of the yellow/SC/VSC/red that preceded the notice by up to 60 s. "
+    "Procedural notices and the stewards' follow-ups are not events; a notice naming no car "
+    "is left out.",
 }
-DEFAULT_HORIZON_S = 60.0
+DEFAULT_HORIZON_LAPS = 1
 CLIFF_LOSS = 0.03
+FUEL_EFFECT_S = 0.06  # lap time per lap of fuel on board (~1.7 kg/lap at ~0.035 s/kg)
 CLIFF_REFERENCE_LAPS = 3
 INCIDENT_LOOKBACK_S = 60.0
 INCIDENT_NOTICE = re.compile(r"INCIDENT .*NOTED|SPUN|STOPPED ON TRACK|CRASH", re.IGNORECASE)
@@ -71,56 +74,6 @@ class SideTables:
     session_start_utc: pd.Timestamp  # date of session time 0 (t0), to place messages
 
 
-def load_side_tables(folder: Path, samples: pd.DataFrame) -> SideTables:
-    """The export's laps, race control and track status tables; t0 from the samples."""
-    import pandas as pd
-
-    first = samples.iloc[0]
-    t0 = first["date"].tz_convert(None) - pd.to_timedelta(first["session_time_s"], unit="s")
-    return SideTables(
-        laps=pd.read_parquet(folder / "laps.parquet"),
-        race_control=pd.read_parquet(folder / "race_control.parquet"),
-        track_status=pd.read_parquet(folder / "track_status.parquet"),
-        session_start_utc=t0,
-    )
-
-
-def _events_ahead(samples: pd.DataFrame, events: pd.DataFrame, horizon_s: float) -> np.ndarray:
-    """1 where the car (driver_number) has an event (columns driver_number,
-    time_s) in (t, t + horizon_s]."""
-    import numpy as np
-    import pandas as pd
-
-    label = np.zeros(len(samples), dtype=np.int8)
-    if events.empty:
-        return label
-    left = pd.DataFrame(
-        {
-            "order": np.arange(len(samples)),
-            "driver_number": samples["driver_number"].astype("int64").to_numpy(),
-            "t": samples["session_time_s"].to_numpy(dtype=float),
-        }
-    ).sort_values("t", kind="stable")
-    right = (
-        events.astype({"driver_number": "int64", "time_s": float})
-        .sort_values("time_s")
-        .rename(columns={"time_s": "t_event"})
-    )
-    right["t"] = right["t_event"]
-    # The first event strictly after the sample: forward search, equality excluded.
-    joined = pd.merge_asof(
-        left, right, on="t", by="driver_number", direction="forward", allow_exact_matches=False
-    )
-    ahead = (joined["t_event"] - joined["t"]).to_numpy()
-    label[joined["order"].to_numpy()] = (ahead <= horizon_s) & np.isfinite(ahead)
-    return label
-
-
-def pit_entries(laps: pd.DataFrame) -> pd.DataFrame:
-    entries = laps[laps["PitInTime"].notna()]
-    return pd_events(entries["DriverNumber"], entries["PitInTime"].dt.total_seconds())
-
-
 def pd_events(drivers: object, times_s: object) -> pd.DataFrame:
     import pandas as pd
 
@@ -131,7 +84,7 @@ def pd_events(drivers: object, times_s: object) -> pd.DataFrame:
 
 
 def tyre_cliffs(laps: pd.DataFrame) -> pd.DataFrame:
-    """Start times of cliff laps (see the module docstring)."""
+    """(driver_number, time_s: lap start) of cliff laps (see the module docstring)."""
 
     clean = laps[
         laps["LapTime"].notna()
@@ -141,7 +94,8 @@ def tyre_cliffs(laps: pd.DataFrame) -> pd.DataFrame:
         & (laps["TrackStatus"].astype("string") == "1")
         & (laps["LapNumber"] > 1)
     ].sort_values(["DriverNumber", "Stint", "LapNumber"])
-    seconds = clean["LapTime"].dt.total_seconds()
+    # Corrected to an empty tank: a lap later in the race carries less fuel.
+    seconds = clean["LapTime"].dt.total_seconds() + FUEL_EFFECT_S * clean["LapNumber"]
     reference = seconds.groupby([clean["DriverNumber"], clean["Stint"]]).transform(
         lambda s: (
             s.shift(1).rolling(CLIFF_REFERENCE_LAPS, min_periods=CLIFF_REFERENCE_LAPS).median()
@@ -176,23 +130,59 @@ def incidents(side: SideTables) -> pd.DataFrame:
     onsets = status.loc[status["non_green"], "time_s"].to_numpy()
     # Move each event back to the onset of a non-green status just before its message.
     earlier = np.searchsorted(onsets, events["time_s"].to_numpy(), side="right") - 1
-    onset = np.where(earlier >= 0, onsets[np.maximum(earlier, 0)], np.nan)
+    onset = (
+        np.where(earlier >= 0, onsets[np.maximum(earlier, 0)], np.nan) if len(onsets) else np.nan
+    )
     recent = (events["time_s"].to_numpy() - onset) <= INCIDENT_LOOKBACK_S
     events["time_s"] = np.where(recent, onset, events["time_s"].to_numpy())
     return events.drop_duplicates()
 
 
-def label_samples(
-    samples: pd.DataFrame, side: SideTables, horizon_s: float = DEFAULT_HORIZON_S
-) -> pd.DataFrame:
-    """The three label columns for `samples` (driver_number, session_time_s)."""
+def lap_events(laps: pd.DataFrame, context: pd.DataFrame, side: SideTables) -> pd.DataFrame:
+    """Per row of `context` (`lap_context` of `laps`, with `red_flag`): whether each
+    label's event happened during that lap (LABELS columns, booleans)."""
+    import numpy as np
     import pandas as pd
+
+    start = context["lap_start"].dt.total_seconds().to_numpy()
+    end = context["lap_end"].dt.total_seconds().to_numpy()
+    drivers = context["driver_number"].to_numpy()
+
+    def during(events: pd.DataFrame) -> np.ndarray:
+        """Rows with an event of their car in [lap start, lap end)."""
+        hit = np.zeros(len(context), dtype=bool)
+        for number, times in events.groupby("driver_number")["time_s"]:
+            rows = np.flatnonzero(drivers == number)
+            at = np.sort(times.to_numpy(dtype=float))
+            first = np.searchsorted(at, start[rows], side="left")  # first event at/after start
+            after = at[np.minimum(first, len(at) - 1)]
+            hit[rows] = (first < len(at)) & (after < end[rows])
+        return hit
 
     return pd.DataFrame(
         {
-            "pit_stop": _events_ahead(samples, pit_entries(side.laps), horizon_s),
-            "tire_failure": _events_ahead(samples, tyre_cliffs(side.laps), horizon_s),
-            "crash_risk": _events_ahead(samples, incidents(side), horizon_s),
+            "pit_stop": context["is_in_lap"].to_numpy(dtype=bool) & ~context["red_flag"],
+            "tire_failure": during(tyre_cliffs(laps)),
+            "crash_risk": during(incidents(side)),
         },
-        index=samples.index,
+        index=context.index,
     )
+
+
+def lap_labels(table: pd.DataFrame, horizon_laps: int = DEFAULT_HORIZON_LAPS) -> pd.DataFrame:
+    """The label columns of a lap table (its LABELS event columns): 1 when the
+    event happens on this lap or one of the next `horizon_laps - 1` of the car."""
+    import pandas as pd
+
+    car_keys = [c for c in ("race", "driver_number") if c in table.columns]  # a car in a race
+    ordered = table.sort_values([*car_keys, "lap_number"])
+    car = ordered.groupby(car_keys)
+    labels = {}
+    for label in LABELS:
+        hit = ordered[label].astype(bool)
+        for ahead in range(1, horizon_laps):
+            later = car[label].shift(-ahead).astype("boolean").fillna(False).astype(bool)
+            consecutive = car["lap_number"].shift(-ahead) == ordered["lap_number"] + ahead
+            hit = hit | (later & consecutive)
+        labels[label] = hit.astype("int8")
+    return pd.DataFrame(labels).reindex(table.index)

@@ -3,10 +3,16 @@ one `inplace_predict` call per model per batch, on one thread.
 
 Every `refresh_s` a background thread asks the registry where `champion` points
 (the hot path never waits on it); when it moves,
-the new version is loaded and checked (its feature names must be exactly
-FEATURES) before it replaces the old one, so a bad version never serves and the
-stream never stops. A model without a champion yet serves nothing (its columns
-stay NULL) and says so once, clearly.
+the new version is loaded and checked (its features must be ones the stream
+computes, FEATURES) before it replaces the old one, so a bad version never
+serves and the stream never stops. A model without a champion yet serves
+nothing (its columns stay NULL) and says so once, clearly.
+
+Each version carries its decision threshold (tuned on the training folds, a
+Booster attribute): a prediction at or above it is an alert (`<label>_alert`),
+which the live page and the dashboards show. Samples outside the models'
+domain (no lap: grid, garage, after the flag; a stopped race) are not scored:
+`in_domain` false, probabilities NULL ("not applicable", not a guess).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.ml.features import FEATURES
+from pipeline.ml.features import FEATURES, in_domain
 from pipeline.ml.labels import LABELS
 from pipeline.ml.train import CHAMPION, registered_name
 from pipeline.settings import Settings
@@ -38,10 +44,13 @@ class FeatureMismatch(ValueError):
 class Served:
     version: str
     booster: Any
+    features: list[str]
+    threshold: float
 
 
 def load_booster(uri: str, settings: Settings) -> Any:
-    """A registered model as a native Booster on one thread, checked against FEATURES."""
+    """A registered model as a native Booster on one thread, checked against FEATURES
+    (it may use fewer; it must not need one the stream does not compute)."""
     import os
 
     import mlflow
@@ -52,10 +61,11 @@ def load_booster(uri: str, settings: Settings) -> Any:
     mlflow.set_registry_uri(settings.mlflow_tracking_uri)
     booster = mlflow.xgboost.load_model(uri)
     booster = getattr(booster, "get_booster", lambda: booster)()
-    if list(booster.feature_names or []) != list(FEATURES):
+    unknown = [f for f in booster.feature_names or [None] if f not in FEATURES]
+    if unknown:
         raise FeatureMismatch(
-            f"{uri} expects features {booster.feature_names}, the stream computes "
-            f"{list(FEATURES)}; retrain it with the current code (f1 train)."
+            f"{uri} expects features {unknown} the stream does not compute (it computes "
+            f"{list(FEATURES)}); retrain it with the current code (f1 train)."
         )
     booster.set_param({"nthread": 1})  # one thread per model call: no oversubscription
     return booster
@@ -129,7 +139,8 @@ class ChampionScorer:
             except (FeatureMismatch, MlflowException, OSError) as err:
                 self._warn_once(f"{label}:{version}", f"refusing {name} v{version}: {err}")
                 continue
-            self.served[label] = Served(version, booster)
+            threshold = float(booster.attr("threshold") or 0.5)  # a model without one: 0.5
+            self.served[label] = Served(version, booster, list(booster.feature_names), threshold)
             self._warned.discard(label)
             log.info("serving %s v%s%s", name, version,
                      f" (was v{current.version})" if current else "")  # fmt: skip
@@ -140,7 +151,9 @@ class ChampionScorer:
             log.error(message)
 
     def score(self, samples: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
-        """Prediction rows for the batch: one predict call per model."""
+        """Prediction rows for the batch: one predict call per model, over the
+        in-domain samples only."""
+        import numpy as np
         import pandas as pd
 
         if self._follower is None:  # first batch: load the champions before scoring it
@@ -157,13 +170,23 @@ class ChampionScorer:
                 "event_time": pd.to_datetime(samples["date_us"], unit="us", utc=True).to_numpy(),
             }
         )
-        matrix = features[list(FEATURES)].to_numpy(dtype="float32")
+        domain = in_domain(features)
+        rows["in_domain"] = domain
+        scored = features[domain]
         for label in self.labels:
             served = self.served.get(label)
             if served is None:
                 rows[f"{label}_p"] = None
                 rows[f"{label}_version"] = None
+                rows[f"{label}_alert"] = None
                 continue
-            rows[f"{label}_p"] = served.booster.inplace_predict(matrix)
+            p = np.full(len(rows), np.nan)
+            if len(scored):
+                matrix = scored[served.features].to_numpy(dtype="float32")
+                p[domain] = served.booster.inplace_predict(matrix)
+            rows[f"{label}_p"] = p
             rows[f"{label}_version"] = int(served.version)
+            alert = pd.array(p >= served.threshold, dtype="boolean")
+            alert[~domain] = pd.NA  # not applicable, like the probability
+            rows[f"{label}_alert"] = alert
         return rows

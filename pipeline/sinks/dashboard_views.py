@@ -47,11 +47,13 @@ CROSS JOIN LATERAL (
     ORDER BY s.seq DESC LIMIT 1
 ) AS s;
 
--- The table of cars: latest sample plus latest predictions (NULL: no champion served).
+-- The table of cars: latest sample plus latest predictions (NULL: no champion served,
+-- or the sample is outside the models' domain).
 CREATE OR REPLACE VIEW dash_car_latest AS
 SELECT c.*, p.pit_stop_p, p.tire_failure_p, p.crash_risk_p,
        greatest(p.pit_stop_p, p.tire_failure_p, p.crash_risk_p) AS max_risk_p,
-       p.event_time AS predicted_at
+       p.event_time AS predicted_at,
+       p.pit_stop_alert, p.tire_failure_alert, p.crash_risk_alert  -- at each version's threshold
 FROM dash_latest_samples AS c
 LEFT JOIN LATERAL (
     SELECT * FROM telemetry_predictions AS p
@@ -95,7 +97,8 @@ CREATE OR REPLACE VIEW dash_predictions AS
 SELECT p.session_key, p.run_id, c.driver, p.driver_number, p.seq, p.event_time,
        p.pit_stop_p, p.tire_failure_p, p.crash_risk_p,
        greatest(p.pit_stop_p, p.tire_failure_p, p.crash_risk_p) AS max_risk_p,
-       p.pit_stop_version, p.tire_failure_version, p.crash_risk_version
+       p.pit_stop_version, p.tire_failure_version, p.crash_risk_version,
+       p.pit_stop_alert, p.tire_failure_alert, p.crash_risk_alert, p.in_domain
 FROM dash_latest_samples AS c
 JOIN telemetry_predictions AS p
   ON p.run_id = c.run_id AND p.driver_number = c.driver_number;

@@ -167,7 +167,15 @@ CREATE TABLE IF NOT EXISTS telemetry_predictions (
 );
 -- Added after the first release: databases made before get them here.
 ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS driver text;
+-- Models worth trusting: the lap-level models' domain and alerts at each version's threshold.
+ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS in_domain boolean;
+ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS pit_stop_alert boolean;
+ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS tire_failure_alert boolean;
+ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS crash_risk_alert boolean;
 ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS session_key text;
+ALTER TABLE telemetry_samples ADD COLUMN IF NOT EXISTS last_lap_s real;
+ALTER TABLE telemetry_samples ADD COLUMN IF NOT EXISTS gap_ahead_s real;
+ALTER TABLE telemetry_samples ADD COLUMN IF NOT EXISTS race_laps smallint;
 ALTER TABLE stream_runs ADD COLUMN IF NOT EXISTS topic text;
 ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS broker_errors integer NOT NULL DEFAULT 0;
 ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS clashes integer NOT NULL DEFAULT 0;
@@ -188,8 +196,9 @@ CREATE TABLE IF NOT EXISTS consumer_offsets (
 SAMPLE_COLUMNS = (
     "run_id", "session_key", "driver_number", "driver", "seq", "event_time", "session_time_s",
     "speed", "rpm", "gear", "throttle", "brake", "drs_open", "lap_number", "stint", "compound",
-    "tyre_life", "position", "is_in_lap", "is_out_lap", "track_status", "resampled", "is_late",
-    "anomalies", "topic_partition", "kafka_offset", "produced_at",
+    "tyre_life", "position", "last_lap_s", "gap_ahead_s", "race_laps", "is_in_lap", "is_out_lap",
+    "track_status", "resampled", "is_late", "anomalies", "topic_partition", "kafka_offset",
+    "produced_at",
 )  # fmt: skip
 WINDOW_COLUMNS = (
     "run_id", "session_key", "driver_number", "driver", "window_start", "window_end", "samples",

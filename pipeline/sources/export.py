@@ -43,6 +43,8 @@ SIDE_TABLES = {
 # The offline sample: 2021 and 2024 train the models, 2023 is validated on and replayed.
 SAMPLE_SESSIONS = ((2021, "Monaco", "R"), (2023, "Monaco", "R"), (2024, "Monaco", "R"))
 FORMATS = ("parquet", "csv")
+# 2: the lap context as known at the lap's start (pipeline.sources.lap_context).
+EXPORT_FORMAT = 2
 # The Airflow Asset every export updates (f1_export) and training is scheduled on (f1_train).
 EXPORTS_ASSET_NAME, EXPORTS_ASSET_URI = "f1_telemetry_exports", "file:///f1/exports"
 
@@ -122,6 +124,7 @@ def write_export(
             )
         manifest = {
             "key": key,
+            "export_format": EXPORT_FORMAT,
             **extra_manifest,
             "formats": sorted({"parquet", *formats}),
             "rows": {"telemetry": len(telemetry), **{k: len(v) for k, v in side_tables.items()}},
@@ -206,6 +209,14 @@ def _plain(frame: Any) -> pd.DataFrame:
 
 
 def read_manifest(key: str, *, settings: Settings | None = None) -> dict[str, Any] | None:
-    """The manifest of an existing export, or None."""
+    """The manifest of an existing export of the current EXPORT_FORMAT, or None
+    (an older export is as good as none: exporting again replaces it)."""
     path = (settings or get_settings()).export_dir / key / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    if manifest.get("export_format", 1) != EXPORT_FORMAT:
+        log.warning("%s: export format %s, not %s: export it again (f1 export)", key,
+                    manifest.get("export_format", 1), EXPORT_FORMAT)  # fmt: skip
+        return None
+    return manifest

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.sources.lap_context import LAP_FIELDS, lap_context
+
 if TYPE_CHECKING:
     import pandas as pd
     from fastf1.core import Session
@@ -44,42 +46,33 @@ def _car_samples(session: Session, resample: str | None) -> pd.DataFrame:
     return cars.rename(columns={"Date": "date", "SessionTime": "session_time"})
 
 
-def _lap_context(session: Session) -> pd.DataFrame:
-    laps = session.laps
-    context: pd.DataFrame = laps[
-        ["DriverNumber", "LapNumber", "LapStartTime", "Time", "Stint", "Compound", "TyreLife",
-         "Position", "PitInTime", "PitOutTime"]
-    ].copy()  # fmt: skip
-    context = context.dropna(subset=["LapStartTime"])
-    context["driver_number"] = context.pop("DriverNumber").astype(int)
-    context["is_in_lap"] = context.pop("PitInTime").notna()
-    context["is_out_lap"] = context.pop("PitOutTime").notna()
-    return context.rename(
-        columns={
-            "LapNumber": "lap_number", "LapStartTime": "lap_start", "Time": "lap_end",
-            "Stint": "stint", "Compound": "compound", "TyreLife": "tyre_life",
-            "Position": "position",
-        }
-    )  # fmt: skip
+def race_laps(session: Session) -> int | None:
+    """The scheduled race distance in laps (FastF1's lap count), None when unknown."""
+    try:
+        total = session.total_laps
+    except (AttributeError, ValueError, KeyError):  # no lap count in the data
+        return None
+    return int(total) if total else None
 
 
 def telemetry_table(session: Session, *, resample: str | None = None) -> pd.DataFrame:
     """One row per car sample: UTC date, session time, driver, team, channels, and
-    the lap it belongs to (lap number, stint, compound, tyre life, position, in/out
-    lap) and the track status at that moment. Samples outside any lap (before the
-    start, after the flag) keep null lap context. `resample`: a pandas rule such as
-    "100ms" to resample (rows FastF1 interpolated are flagged `resampled`)."""
+    the context of the lap it belongs to as known when the lap began
+    (`pipeline.sources.lap_context`) and the track status at that moment. Samples
+    outside any lap (before the start, after the flag) keep null lap context.
+    `resample`: a pandas rule such as "100ms" to resample (rows FastF1 interpolated
+    are flagged `resampled`)."""
     import pandas as pd
 
     cars = _car_samples(session, resample).sort_values("session_time", kind="stable")
-    laps = _lap_context(session).sort_values("lap_start", kind="stable")
+    laps = lap_context(session.laps, race_laps(session)).sort_values("lap_start", kind="stable")
     table = pd.merge_asof(
         cars, laps, left_on="session_time", right_on="lap_start", by="driver_number",
         direction="backward",
     )  # fmt: skip
     # A sample after its last lap ended belongs to no lap (e.g. after the flag).
     outside = table["lap_end"].notna() & (table["session_time"] > table["lap_end"])
-    lap_columns = ["lap_number", "stint", "compound", "tyre_life", "position"]
+    lap_columns = [f for f in LAP_FIELDS if f not in ("is_in_lap", "is_out_lap")]
     table.loc[outside, lap_columns] = None
     table.loc[outside, ["is_in_lap", "is_out_lap"]] = False
     for flag in ("is_in_lap", "is_out_lap"):  # no lap: not an in- or out-lap
@@ -101,12 +94,19 @@ def telemetry_table(session: Session, *, resample: str | None = None) -> pd.Data
     table["resampled"] = table["source"].eq("interpolation").to_numpy()
     columns = [
         "date", "session_time_s", "driver_number", "driver", "team", *CAR_CHANNELS.values(),
-        "lap_number", "stint", "compound", "tyre_life", "position", "is_in_lap", "is_out_lap",
-        "track_status", "resampled",
+        *LAP_FIELDS, "track_status", "resampled",
     ]  # fmt: skip
     return (
         table[columns]
-        .astype({"lap_number": "Int16", "stint": "Int8", "position": "Int8", "gear": "int16"})
+        .astype(
+            {
+                "lap_number": "Int16",
+                "stint": "Int8",
+                "position": "Int8",
+                "race_laps": "Int16",
+                "gear": "int16",
+            }
+        )
         .sort_values(["driver_number", "session_time_s"], kind="stable")
         .reset_index(drop=True)
     )

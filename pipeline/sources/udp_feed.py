@@ -274,6 +274,13 @@ def _samples(
         columns["stint"] = (laps["pit_stops"].astype(np.int64) + 1).tolist()
         columns["is_in_lap"] = ((laps["pit_status"] > 0) | (laps["driver_status"] == 2)).tolist()
         columns["is_out_lap"] = (laps["driver_status"] == 3).tolist()
+        last_lap = laps["last_lap_ms"].astype(float) / 1000
+        columns["last_lap_s"] = [t or None for t in last_lap.tolist()]  # 0: no lap done yet
+        gap = laps["delta_front_min"].astype(float) * 60 + laps["delta_front_ms"] / 1000
+        leader = laps["car_position"] <= 1
+        columns["gap_ahead_s"] = [
+            None if first else g for g, first in zip(gap.tolist(), leader.tolist(), strict=True)
+        ]
     if status is not None:
         tyres = status["cars"][cars]
         columns["compound"] = [COMPOUNDS.get(c) for c in tyres["visual_compound"].tolist()]
@@ -286,6 +293,7 @@ def _samples(
         "date_us": date_us,
         "session_time_s": session_time,
         "track_status": TRACK_STATUS.get(int(info["safety_car_status"])) if info else None,
+        "race_laps": int(info["total_laps"]) or None if info else None,
     }
     names = list(columns)
     return [
