@@ -439,7 +439,13 @@ def train(
 
     from pipeline.ml.labels import LABELS
     from pipeline.ml.laps import Race
-    from pipeline.ml.train import TrainConfig, prepare, registered_versions, train_one
+    from pipeline.ml.train import (
+        TrainConfig,
+        build_data,
+        registered_versions,
+        split_races,
+        train_one,
+    )
 
     _setup_logging()
     settings = get_settings()
@@ -456,15 +462,16 @@ def train(
         horizon_laps=horizon_laps,
     )  # fmt: skip
     try:
-        with tqdm(desc="lap tables", unit="race") as bar:
-
-            def tick(race: Race, bar: tqdm = bar) -> None:
-                bar.update(1)
-                bar.set_postfix_str(race.key)
-
-            split, data = prepare(config, settings, on_race=tick)
+        split, races = split_races(config, settings)
     except ValueError as err:
         _fail(str(err))
+    with tqdm(total=len(races), desc="lap tables", unit="race") as bar:
+
+        def tick(race: Race, bar: tqdm = bar) -> None:
+            bar.update(1)
+            bar.set_postfix_str(race.key)
+
+        data = build_data(races, config.horizon_laps, settings, on_race=tick)
     typer.echo(
         f"{len(data):,} laps: {len(split.development)} development races, "
         f"{len(split.test)} test races, {split.held_out} held out (the demo race)"

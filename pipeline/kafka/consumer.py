@@ -672,7 +672,7 @@ def _frame(decoded: _Decoded) -> pd.DataFrame:
         partition = offset = produced = ()
     # Nullable whole numbers would otherwise become floats (None -> NaN).
     frame = pd.DataFrame(columns).astype(
-        {"lap_number": "Int64", "stint": "Int64", "position": "Int64", "drs": "Int64"}
+        {c: "Int64" for c in ("lap_number", "stint", "position", "race_laps", "drs")}
     )
     frame["partition"] = pd.Series(partition, dtype="int64")
     frame["offset"] = pd.Series(offset, dtype="int64")

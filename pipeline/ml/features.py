@@ -81,7 +81,7 @@ def _lap_row(row: Sequence[float], history: History) -> list[float]:
     laps; updates `history` in place: `stint`, `rows` (the stint's rows so far),
     `times` (its representative lap times), `lap` (this lap's number) and
     `current` (this lap's features, for the samples that follow)."""
-    values = dict(zip(ROW_FIELDS, row, strict=True))
+    values = dict(zip(ROW_FIELDS, map(float, row), strict=True))  # plain floats: state is msgpack
     stint = values["stint"]
     if history.get("stint") != [stint]:
         history.update(stint=[stint], rows=[0.0], times=[])
@@ -111,7 +111,7 @@ def _lap_row(row: Sequence[float], history: History) -> list[float]:
         "gap_ahead_s": values["gap_ahead_s"],
         "track_status_code": values["track_status_code"],
     }
-    history["current"] = [features[f] for f in FEATURES]
+    history["current"] = [float(features[f]) for f in FEATURES]
     return history["current"]
 
 

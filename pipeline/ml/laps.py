@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LAPS_FORMAT = "1"  # bump when a lap table's columns or meaning change: tables are rebuilt
+LAPS_FORMAT = "2"  # bump when a lap table's columns or meaning change: tables are rebuilt
 _EVENT_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}_(?P<event>.+)$")
 
 

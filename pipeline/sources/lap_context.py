@@ -7,8 +7,10 @@ sample inside lap n may only carry what was known at lap n's start, so:
 - `position`: the place at the end of lap n-1 (null on lap 1: no grid order offline);
 - `last_lap_s`: lap n-1's time; `gap_ahead_s`: the interval to the car one place
   ahead when both crossed the line to end lap n-1 (null for the leader);
-- `stint`, `compound`, `tyre_life`, `is_out_lap`: known as the car leaves the line
-  (or the pit lane) to start lap n;
+- `is_out_lap`: lap n-1 ended in the pits (or the car starts the race from them);
+- `stint`, `compound`, `tyre_life`: known at the line; on an out-lap, once the new
+  tyres are on, which the timing shows during the stop (the pit exit is ~20 s into
+  the lap: the one thing the cut test in tests/unit/test_features.py grants);
 - `race_laps`: the scheduled race distance, known before the start.
 
 `is_in_lap` (the car enters the pits at the end of lap n) and `red_flag` (the
@@ -62,7 +64,10 @@ def lap_context(laps: pd.DataFrame, race_laps: int | None) -> pd.DataFrame:
             "gap_ahead_s": previous["gap_at_end"].shift(1).where(follows),
             "race_laps": np.nan if race_laps is None else float(race_laps),
             "is_in_lap": frame["PitInTime"].notna(),
-            "is_out_lap": frame["PitOutTime"].notna(),
+            # The car crossed the line in the pit lane: lap n-1 ended in the pits (the
+            # pit exit itself comes later in the lap), or it starts the race from the pits.
+            "is_out_lap": (previous["PitInTime"].shift(1).notna() & follows)
+            | ((frame["LapNumber"] == 1) & frame["PitOutTime"].notna()),
             # Stopped during the lap (status 5): every car enters the pits, no pit stops.
             "red_flag": frame["TrackStatus"].astype("string").str.contains("5").fillna(False),
         }

@@ -64,7 +64,7 @@ def inferred_dtype(field_type: schema_types.Type) -> Any:
 COLUMN_DTYPES = {
     f.name: inferred_dtype(f.type) for f in schema_types.type_info(TelemetrySample).fields
 }
-NULLABLE_INTS = {"lap_number": "Int64", "stint": "Int64", "position": "Int64", "drs": "Int64"}
+NULLABLE_INTS = {c: "Int64" for c in ("lap_number", "stint", "position", "race_laps", "drs")}
 
 
 def consumer_frame(columns: dict[str, Sequence[Any]]) -> pd.DataFrame:
