@@ -132,10 +132,26 @@ def f1_stream() -> None:
 
         return verify_run(run["stream_run"], delivered=int(produced["delivered"]))
 
+    @task(execution_timeout=LONG_RUNNING, retries=1)
+    def score_live(run: dict) -> dict:  # type: ignore[type-arg]
+        """Score every served prediction once its outcome is known, while the run
+        streams and when it is complete (champion and challenger, per version)."""
+        from pipeline.kafka.client import stop_on_signals
+        from pipeline.kafka.topics import admin_client, describe
+        from pipeline.ml.live_scores import score_while_running
+        from pipeline.settings import get_settings
+
+        settings = get_settings()
+        partitions, _ = describe(admin_client(settings), settings.telemetry_topic)
+        with stop_on_signals() as stop:
+            rows = score_while_running(run["stream_run"], partitions, stop=stop)
+        return {f"{r['label']} {r['role']} v{r['version']}": r["pr_auc"] for r in rows}
+
     run = start_run()
     produced = produce(run)
     consumed = consume.partial(run=run).expand(member=members(run))
     verify(run, produced, consumed)
+    score_live(run)
 
 
 f1_stream()

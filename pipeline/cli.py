@@ -448,6 +448,7 @@ def train(
     )
 
     _setup_logging()
+    logging.getLogger("fastf1").setLevel(logging.ERROR)  # offline: no Ergast, said per race
     settings = get_settings()
     if skip_if_trained:
         versions = registered_versions(settings)

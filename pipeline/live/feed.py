@@ -90,7 +90,7 @@ def batch_update(
         rows.append(
             [None] * len(latest)
             if column is None
-            else [None if v is None or v != v else bool(v) for v in column.iloc[last].tolist()]
+            else [None if pd.isna(v) else bool(v) for v in column.iloc[last].tolist()]
         )
     newest = alerts.sort_values("date_us").tail(MAX_ALERTS) if len(alerts) else alerts
     update: dict[str, Any] = {

@@ -25,10 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.ml.features import FEATURES, in_domain
 from pipeline.ml.labels import LABELS
-from pipeline.ml.train import CHAMPION, registered_name
+from pipeline.ml.train import CHALLENGER, CHAMPION, registered_name
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,25 @@ def load_booster(uri: str, settings: Settings) -> Any:
 
 
 class ChampionScorer:
-    """Scores a batch's features with every model's current champion."""
+    """Scores a batch's features with every model's current champion, and its
+    challenger in shadow (`<label>_challenger_p`), so both are scored live on
+    the same stream (`pipeline.ml.live_scores`)."""
 
     table = PREDICTION_TABLE
 
-    def __init__(self, settings: Settings, labels: tuple[str, ...] = LABELS) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        labels: tuple[str, ...] = LABELS,
+        *,
+        shadow_challengers: bool = True,
+    ) -> None:
         self.settings = settings
         self.labels = labels
-        self.served: dict[str, Served] = {}
+        self.served: dict[str, Served] = {}  # label -> its champion
+        # label -> its challenger, scored in shadow beside the champion (stored, not shown).
+        self.shadow: dict[str, Served] = {}
+        self.shadow_challengers = shadow_challengers
         self.refresh_s = settings.model_refresh_s
         self._checked_at = float("-inf")
         self._warned: set[str] = set()
@@ -101,9 +113,8 @@ class ChampionScorer:
                 log.exception("following the champions failed; retrying")
 
     def refresh(self, *, force: bool = False) -> None:
-        """Follow the `champion` aliases (at most every refresh_s)."""
+        """Follow the `champion` and `challenger` aliases (at most every refresh_s)."""
         import mlflow
-        from mlflow.exceptions import MlflowException
 
         now = time.monotonic()
         if not force and now - self._checked_at < self.refresh_s:
@@ -111,49 +122,83 @@ class ChampionScorer:
         self._checked_at = now
         client = mlflow.MlflowClient(self.settings.mlflow_tracking_uri)
         for label in self.labels:
-            name = registered_name(label, self.settings)
-            try:
-                version = str(client.get_model_version_by_alias(name, CHAMPION).version)
-            except Exception as err:
-                code = getattr(err, "error_code", None)
-                if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            self._follow_alias(client, label, CHAMPION, self.served)
+            if self.shadow_challengers:
+                self._follow_alias(client, label, CHALLENGER, self.shadow)
+
+    def _follow_alias(self, client: Any, label: str, alias: str, store: dict[str, Served]) -> None:
+        from mlflow.exceptions import MlflowException
+
+        name = registered_name(label, self.settings)
+        try:
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        except Exception as err:
+            code = getattr(err, "error_code", None)
+            if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                store.pop(label, None)  # the alias was removed: stop serving it
+                if alias == CHAMPION:
                     self._warn_once(
                         label,
                         f"no {CHAMPION} for {name} yet ({code}): its predictions stay "
                         "empty; run `f1 train` or the f1_train DAG",
                     )
-                else:  # MLflow down (the client wraps a refused connection too)
-                    served = self.served.get(label)
-                    self._warn_once(
-                        f"{label}:unreachable",
-                        f"cannot reach the MLflow registry for {name} ({err}); "
-                        + (f"still serving v{served.version}" if served else "serving nothing"),
-                    )
-                continue
-            self._warned.discard(f"{label}:unreachable")  # reached again: say so next time
-            current = self.served.get(label)
-            if current and current.version == version:
-                continue
-            try:
-                booster = load_booster(f"models:/{name}/{version}", self.settings)
-            except (FeatureMismatch, MlflowException, OSError) as err:
-                self._warn_once(f"{label}:{version}", f"refusing {name} v{version}: {err}")
-                continue
-            threshold = float(booster.attr("threshold") or 0.5)  # a model without one: 0.5
-            self.served[label] = Served(version, booster, list(booster.feature_names), threshold)
+            else:  # MLflow down (the client wraps a refused connection too)
+                served = store.get(label)
+                self._warn_once(
+                    f"{label}:{alias}:unreachable",
+                    f"cannot reach the MLflow registry for {name} ({err}); "
+                    + (f"still serving v{served.version}" if served else "serving nothing"),
+                )
+            return
+        self._warned.discard(f"{label}:{alias}:unreachable")  # reached again: say so next time
+        current = store.get(label)
+        if current and current.version == version:
+            return
+        try:
+            booster = load_booster(f"models:/{name}/{version}", self.settings)
+        except (FeatureMismatch, MlflowException, OSError) as err:
+            self._warn_once(f"{label}:{version}", f"refusing {name} v{version}: {err}")
+            return
+        threshold = float(booster.attr("threshold") or 0.5)  # a model without one: 0.5
+        store[label] = Served(version, booster, list(booster.feature_names), threshold)
+        if alias == CHAMPION:
             self._warned.discard(label)
-            log.info("serving %s v%s%s", name, version,
-                     f" (was v{current.version})" if current else "")  # fmt: skip
+        log.info("serving %s v%s as %s%s", name, version, alias,
+                 f" (was v{current.version})" if current else "")  # fmt: skip
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             log.error(message)
 
+    @staticmethod
+    def _columns(
+        rows: pd.DataFrame,
+        label: str,
+        served: Served | None,
+        scored: pd.DataFrame,
+        domain: np.ndarray,
+        role: str,
+    ) -> None:
+        """`<label><role>_p`, `_version` (and the champion's `_alert`) for the batch."""
+        import numpy as np
+        import pandas as pd
+
+        p = np.full(len(rows), np.nan)
+        if served is not None and len(scored):
+            p[domain] = served.booster.inplace_predict(
+                scored[served.features].to_numpy(dtype="float32")
+            )
+        rows[f"{label}{role}_p"] = p if served is not None else None
+        rows[f"{label}{role}_version"] = int(served.version) if served is not None else None
+        if not role:  # alerts at the champion's own threshold; NULL where p is
+            alert = pd.array(p >= (served.threshold if served else np.inf), dtype="boolean")
+            alert[np.isnan(p)] = pd.NA
+            rows[f"{label}_alert"] = alert
+
     def score(self, samples: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
         """Prediction rows for the batch: one predict call per model, over the
         in-domain samples only."""
-        import numpy as np
         import pandas as pd
 
         if self._follower is None:  # first batch: load the champions before scoring it
@@ -174,19 +219,10 @@ class ChampionScorer:
         rows["in_domain"] = domain
         scored = features[domain]
         for label in self.labels:
-            served = self.served.get(label)
-            if served is None:
-                rows[f"{label}_p"] = None
-                rows[f"{label}_version"] = None
-                rows[f"{label}_alert"] = None
-                continue
-            p = np.full(len(rows), np.nan)
-            if len(scored):
-                matrix = scored[served.features].to_numpy(dtype="float32")
-                p[domain] = served.booster.inplace_predict(matrix)
-            rows[f"{label}_p"] = p
-            rows[f"{label}_version"] = int(served.version)
-            alert = pd.array(p >= served.threshold, dtype="boolean")
-            alert[~domain] = pd.NA  # not applicable, like the probability
-            rows[f"{label}_alert"] = alert
+            self._columns(rows, label, self.served.get(label), scored, domain, "")
+            shadow = self.shadow.get(label)
+            champion = self.served.get(label)
+            if shadow and champion and shadow.version == champion.version:
+                shadow = None  # the same version twice: nothing to compare
+            self._columns(rows, label, shadow, scored, domain, "_challenger")
         return rows

@@ -31,7 +31,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,13 +187,21 @@ def best_threshold(y: np.ndarray, p: np.ndarray) -> float:
     return float(thresholds[int(np.argmax(f1[:-1]))])
 
 
-def _xgboost(candidate: tuple[int, int, float], seed: int) -> Any:
+# What each label implies, built in: for the same state, older tyres never make a
+# stop or a cliff less likely (tests/integration/test_ml.py checks the served model).
+MONOTONE = {"pit_stop": {"tyre_life": 1}, "tire_failure": {"tyre_life": 1}, "crash_risk": {}}
+
+
+def _xgboost(
+    candidate: tuple[int, int, float], seed: int, label: str, features: Sequence[str] = FEATURES
+) -> Any:
     from xgboost import XGBClassifier
 
     depth, trees, rate = candidate
+    monotone = {f: d for f, d in MONOTONE[label].items() if f in features}
     return XGBClassifier(
         n_estimators=trees, max_depth=depth, learning_rate=rate, tree_method="hist", n_jobs=2,
-        random_state=seed, eval_metric="aucpr",
+        random_state=seed, eval_metric="aucpr", monotone_constraints=monotone or None,
     )  # fmt: skip
 
 
@@ -319,7 +327,7 @@ def train_one(
         candidates = {}
         for candidate in config.grid:
             oof = leave_one_race_out(
-                functools.partial(_xgboost, candidate, config.seed), x_dev, y_dev, races_dev
+                functools.partial(_xgboost, candidate, config.seed, label), x_dev, y_dev, races_dev
             )
             candidates[candidate] = (scores(y_dev, oof, 0.5, "")["pr_auc"], oof)
             log.info("%s %s: cv PR-AUC %.4f", label, candidate, candidates[candidate][0])
@@ -331,7 +339,7 @@ def train_one(
         result.cv_by_race = _by_race(y_dev, oof, races_dev)
 
         # The report, on the test races: one fit on every development race.
-        model = _xgboost(chosen, config.seed).fit(x_dev, y_dev)
+        model = _xgboost(chosen, config.seed, label).fit(x_dev, y_dev)
         baseline = _baseline().fit(x_dev, y_dev)
         p_test = model.predict_proba(x_test)[:, 1]
         p_base = baseline.predict_proba(x_test)[:, 1]
@@ -350,7 +358,7 @@ def train_one(
         metrics["test_pr_auc_gain_over_baseline"] = (
             metrics["test_pr_auc"] - metrics["baseline_test_pr_auc"]
         )
-        result.ablation = _ablation(chosen, config, x_dev, y_dev, x_test, y_test)
+        result.ablation = _ablation(label, chosen, config, x_dev, y_dev, x_test, y_test)
         metrics.update({f"ablation_without_{g}_test_pr_auc": v for g, v in result.ablation.items()})
         result.metrics = {k: float(v) for k, v in metrics.items()}
         mlflow.log_params({"chosen_max_depth": chosen[0], "chosen_trees": chosen[1],
@@ -374,6 +382,7 @@ def train_one(
 
 
 def _ablation(
+    label: str,
     chosen: tuple[int, int, float],
     config: TrainConfig,
     x_dev: pd.DataFrame,
@@ -385,7 +394,7 @@ def _ablation(
     out = {}
     for group, names in FEATURE_GROUPS.items():
         kept = [f for f in FEATURES if f not in names]
-        model = _xgboost(chosen, config.seed).fit(x_dev[kept], y_dev)
+        model = _xgboost(chosen, config.seed, label, kept).fit(x_dev[kept], y_dev)
         out[group] = scores(y_test, model.predict_proba(x_test[kept])[:, 1], 0.5, "")["pr_auc"]
     return out
 

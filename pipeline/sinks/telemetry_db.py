@@ -172,6 +172,13 @@ ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS in_domain boolean;
 ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS pit_stop_alert boolean;
 ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS tire_failure_alert boolean;
 ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS crash_risk_alert boolean;
+-- Each model's challenger, scored in shadow beside its champion (NULL: none, or the same).
+ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS pit_stop_challenger_p real;
+ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS pit_stop_challenger_version integer;
+ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS tire_failure_challenger_p real;
+ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS tire_failure_challenger_version integer;
+ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS crash_risk_challenger_p real;
+ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS crash_risk_challenger_version integer;
 ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS session_key text;
 ALTER TABLE telemetry_samples ADD COLUMN IF NOT EXISTS last_lap_s real;
 ALTER TABLE telemetry_samples ADD COLUMN IF NOT EXISTS gap_ahead_s real;
@@ -181,6 +188,27 @@ ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS broker_errors integer NOT NU
 ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS clashes integer NOT NULL DEFAULT 0;
 ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS state_resets integer NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS stream_metrics_recorded_at ON stream_metrics (recorded_at);
+-- Served predictions scored once their outcome is known (pipeline.ml.live_scores).
+CREATE TABLE IF NOT EXISTS live_model_scores (
+    run_id text NOT NULL,
+    session_key text NOT NULL,
+    label text NOT NULL,
+    role text NOT NULL,                      -- champion (served) | challenger (in shadow)
+    version integer NOT NULL,
+    horizon_laps smallint NOT NULL,
+    laps integer NOT NULL,                   -- laps whose outcome is known so far
+    positives integer NOT NULL,
+    base_rate double precision NOT NULL,
+    pr_auc double precision,                 -- NULL: no positive (or no negative) lap yet
+    brier double precision NOT NULL,
+    alerts integer NOT NULL,                 -- laps at or above the version's threshold
+    alert_hits integer NOT NULL,
+    alert_precision double precision,
+    calibration jsonb NOT NULL,              -- quantile bins: mean p, observed rate, laps
+    outcomes_from text NOT NULL,             -- lap table (a cached race) | stream (a game)
+    scored_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, label, role, version)
+);
 CREATE TABLE IF NOT EXISTS consumer_offsets (
     group_id text NOT NULL,
     topic text NOT NULL,
@@ -465,7 +493,7 @@ def record_metrics(
 
 RUN_TABLES = (
     "telemetry_samples", "telemetry_windows", "anomaly_events", "telemetry_predictions",
-    "stream_run_ends",
+    "stream_run_ends", "live_model_scores",
 )  # fmt: skip
 
 

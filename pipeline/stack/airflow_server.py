@@ -62,6 +62,7 @@ def environment(settings: Settings) -> dict[str, str]:
         # Tasks read the settings from the environment: `dags test` with scratch
         # settings (tests) trains and promotes under the scratch model names.
         "MODEL_NAME_PREFIX": settings.model_name_prefix,
+        "LAPS_DIR": str(settings.laps_dir),
     }
 
 
