@@ -16,7 +16,6 @@ up: install  ## start the whole stack and run the main job
 	@$(F1) stack up
 	@$(F1) export --skip-existing
 	@$(F1) topics
-	@$(F1) train --skip-if-trained
 	@$(F1) dashboards import
 	@$(F1) demo
 

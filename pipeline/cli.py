@@ -6,7 +6,7 @@ import logging
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import httpx
 import typer
@@ -32,7 +32,7 @@ def _setup_logging(verbose: bool = False) -> None:
     logging.getLogger("librdkafka").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(1)
 
@@ -385,15 +385,25 @@ def consume(
 
 @app.command("demo")
 def demo() -> None:
-    """Start the demo replay (f1_stream) and the game listener (f1_udp_live) in
-    Airflow, unless they are running."""
-    from pipeline.demo import STREAM_DAG, UDP_DAG, start_demo, start_udp_live
+    """Start the demo replay (f1_stream), the game listener (f1_udp_live) and, when
+    the models are not trained, the training (f1_train) in Airflow, unless running."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.demo import (
+        STREAM_DAG,
+        TRAIN_DAG,
+        UDP_DAG,
+        start_demo,
+        start_training,
+        start_udp_live,
+    )
 
     settings = get_settings()
     try:
         run = start_demo(settings)
         live = start_udp_live(settings)
-    except (TimeoutError, httpx.HTTPError) as err:
+        training = start_training(settings)
+    except (TimeoutError, httpx.HTTPError, MlflowException) as err:
         _fail(f"could not start the demo: {err}")
     state = "already running" if run["already_running"] else "started"
     speed = f"{settings.demo_speed:g}x" if settings.demo_speed else "as fast as possible"
@@ -411,6 +421,12 @@ def demo() -> None:
         "A console or another PC: set UDP_ADDRESS=0.0.0.0:" + port + " in .env first.\n"
         f"  No game? `.venv/bin/f1 udp replay {settings.udp_recording}` sends a real lap."
     )
+    if training is not None:
+        typer.echo(
+            f"\nModels: training on every race in Airflow ({settings.airflow_url}/dags/"
+            f"{TRAIN_DAG}, about 15 minutes); each swaps into the demo when registered.\n"
+            f"  Meanwhile the predictions stay empty. Runs: {settings.mlflow_tracking_uri}"
+        )
 
 
 @app.command("train")
@@ -430,7 +446,7 @@ def train(
         list[str] | None, typer.Option(help="Test race instead of the season's (repeat).")
     ] = None,
     skip_if_trained: Annotated[
-        bool, typer.Option(help="Do nothing when every model has a registered version.")
+        bool, typer.Option(help="Do nothing when every model has a servable champion.")
     ] = False,
 ) -> None:
     """Train the models on every race's laps (leave-one-race-out selection, a test
@@ -439,22 +455,14 @@ def train(
 
     from pipeline.ml.labels import LABELS
     from pipeline.ml.laps import Race
-    from pipeline.ml.train import (
-        TrainConfig,
-        build_data,
-        registered_versions,
-        split_races,
-        train_one,
-    )
+    from pipeline.ml.train import TrainConfig, build_data, needs_training, split_races, train_one
 
     _setup_logging()
     logging.getLogger("fastf1").setLevel(logging.ERROR)  # offline: no Ergast, said per race
     settings = get_settings()
-    if skip_if_trained:
-        versions = registered_versions(settings)
-        if all(versions.get(label) for label in LABELS):
-            typer.echo(f"models already trained ({versions}); skipped")
-            return
+    if skip_if_trained and not needs_training(settings):
+        typer.echo("every model has a champion of the current features; skipped")
+        return
     unknown = set(model or ()) - set(LABELS)
     if unknown:
         _fail(f"unknown model {sorted(unknown)}; choose from {', '.join(LABELS)}")
@@ -492,6 +500,51 @@ def train(
             )
         else:
             typer.echo(f"  {result.reason}")
+
+
+models_app = typer.Typer(no_args_is_help=True, help="The served models, scored live.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("score")
+def models_score(run: Annotated[str, typer.Argument(help="Stream run id.")]) -> None:
+    """Score a run's served predictions whose outcome is known (champion and challenger)."""
+    from pipeline.ml.live_scores import score_run
+
+    _setup_logging()
+    try:
+        rows = score_run(run)
+    except ValueError as err:
+        _fail(str(err))
+    for r in rows:
+        pr_auc = "-" if r["pr_auc"] is None else f"{r['pr_auc']:.3f}"
+        typer.echo(
+            f"{r['label']:13} {r['role']:10} v{r['version']:<3} {r['laps']:5} laps, "
+            f"{r['positives']:3} positive, PR-AUC {pr_auc}, Brier {r['brier']:.4f}, "
+            f"{r['alerts']} alerts ({r['alert_hits']} right)"
+        )
+
+
+@models_app.command("compare")
+def models_compare(
+    run: Annotated[
+        str | None, typer.Option(help="Stream run id (default: the last one scored).")
+    ] = None,
+) -> None:
+    """Champion and challenger side by side: training's scores and the run's live ones."""
+    import pandas as pd
+
+    from pipeline.ml.live_scores import compare, latest_scored_run
+
+    chosen = run or latest_scored_run()
+    if chosen is None:
+        _fail("no run has live scores yet: replay a race (make up) or `f1 models score RUN`")
+    table = compare(chosen)
+    if table.empty:
+        _fail("no champion or challenger registered: run `f1 train` or the f1_train DAG")
+    typer.echo(f"run {chosen}\n")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        typer.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
 udp_app = typer.Typer(no_args_is_help=True, help="The F1 game's live UDP telemetry.")

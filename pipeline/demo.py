@@ -1,8 +1,10 @@
 """The demo `make up` ends with: a replay of the demo race through the f1_stream
 DAG, triggered in Airflow so the user watches it there, in Superset and on
-the live page; and the f1_udp_live DAG listening for the F1 game, so a game
-pointed at it shows up in the same places. Nothing new starts if a run of
-either is already under way."""
+the live page; the f1_udp_live DAG listening for the F1 game, so a game
+pointed at it shows up in the same places; and, when the models are not
+trained yet, f1_train on every race, whose champions swap into the running
+demo as they are registered. Nothing new starts if a run of one is already
+under way."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pipeline.stack import airflow_server
 
 STREAM_DAG = "f1_stream"
 UDP_DAG = "f1_udp_live"
+TRAIN_DAG = "f1_train"
 UDP_LISTEN_S = 24 * 3600  # the DAG's longest listen; trigger it again after a day
 LEAD_IN_S = 30.0  # the demo starts this long before lights out (the grid, then the start)
 
@@ -42,6 +45,21 @@ def start_udp_live(settings: Settings, *, wait_s: float = 180.0) -> dict[str, An
     conf = {"address": settings.udp_address, "duration_s": UDP_LISTEN_S}
     with airflow_server.api_client(settings) as api:
         return _trigger(api, UDP_DAG, conf, "listening for the F1 game, started by make up", wait_s)
+
+
+def start_training(settings: Settings, *, wait_s: float = 180.0) -> dict[str, Any] | None:
+    """Trigger f1_train (every race, its default split) when a model has no champion
+    the stream can serve; None when they all have one. It runs beside the demo in
+    Airflow (about 15 minutes on 2 cores): the consumers follow the `champion`
+    aliases, so the new models swap in as each finishes."""
+    from pipeline.ml.train import needs_training
+
+    if not needs_training(settings):
+        return None
+    with airflow_server.api_client(settings) as api:
+        return _trigger(
+            api, TRAIN_DAG, {}, "models trained on every race, started by make up", wait_s
+        )
 
 
 def _trigger(

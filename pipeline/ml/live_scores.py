@@ -254,3 +254,50 @@ def score_while_running(
         if done or late or stop.is_set():
             return rows
         stop.wait(interval_s)
+
+
+def latest_scored_run(settings: Settings | None = None) -> str | None:
+    with telemetry_db.connect(settings or get_settings(), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT run_id FROM live_model_scores ORDER BY scored_at DESC LIMIT 1"
+        ).fetchone()
+    return str(row[0]) if row else None
+
+
+def compare(run_id: str, settings: Settings | None = None) -> pd.DataFrame:
+    """Champion and challenger side by side per model: what training measured
+    (cross-validated and test PR-AUC, threshold) and what the run measured live."""
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.ml.train import CHALLENGER, CHAMPION
+
+    settings = settings or get_settings()
+    live = read_scores(run_id, settings)
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    rows = []
+    for label in LABELS:
+        for role in (CHAMPION, CHALLENGER):
+            try:
+                version = client.get_model_version_by_alias(registered_name(label, settings), role)
+                run = client.get_run(str(version.run_id)).data
+            except MlflowException:
+                continue
+            number = int(version.version)
+            scored = live[(live["label"] == label) & (live["version"] == number)]
+            row = scored.iloc[0] if len(scored) else None
+            rows.append({
+                "model": label, "alias": role, "version": number,
+                "line": run.params.get("comparison_line"),
+                "cv_pr_auc": run.metrics.get("cv_pr_auc"),
+                "test_pr_auc": run.metrics.get("test_pr_auc"),
+                "threshold": run.metrics.get("threshold"),
+                "live_laps": None if row is None else int(row["laps"]),
+                "live_base_rate": None if row is None else row["base_rate"],
+                "live_pr_auc": None if row is None else row["pr_auc"],
+                "live_brier": None if row is None else row["brier"],
+                "live_alerts": None if row is None else int(row["alerts"]),
+                "live_alert_precision": None if row is None else row["alert_precision"],
+            })  # fmt: skip
+    return pd.DataFrame(rows)

@@ -399,6 +399,25 @@ def _ablation(
     return out
 
 
+def needs_training(settings: Settings) -> list[str]:
+    """The models without a champion the stream can serve: none yet, or one trained
+    on other features (an older release's)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    wanted = []
+    for label in LABELS:
+        try:
+            champion = client.get_model_version_by_alias(registered_name(label, settings), CHAMPION)
+            features = client.get_run(str(champion.run_id)).data.params.get("features")
+        except MlflowException:  # no model, or no champion yet
+            features = None
+        if features != ",".join(FEATURES):
+            wanted.append(label)
+    return wanted
+
+
 def registered_versions(settings: Settings) -> dict[str, int]:
     """How many versions each model has in the registry."""
     import mlflow

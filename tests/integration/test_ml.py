@@ -5,6 +5,7 @@ guarantees, the champion rule, the models' behaviour, and serving in the stream
 from __future__ import annotations
 
 import logging
+import subprocess
 import threading
 import time
 import uuid
@@ -43,6 +44,7 @@ from pipeline.settings import Settings
 from pipeline.sinks import telemetry_db
 from pipeline.sources.replay import load_samples, race_start_offset_s
 from pipeline.stack import airflow_server
+from tests.integration.streams import F1, subprocess_env
 
 # Small and quick, but the real pipeline: 8 races of three seasons (2024's two are the
 # test races), leave-one-race-out over the other six, one small XGBoost candidate.
@@ -317,6 +319,14 @@ def test_moving_the_alias_mid_stream_switches_versions_without_losing_a_message(
     assert (scored["outcomes_from"] == "lap table").all()
     assert (scored["laps"] > 0).all()
     assert len(read_scores(run, stream)) == len(scored)
+    # `f1 models compare` prints the two side by side, training's scores and the run's.
+    printed = subprocess.run(
+        [F1, "models", "compare", "--run", run], env=subprocess_env(stream),
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    lines = {line.split()[1]: line for line in printed.splitlines() if line.startswith("pit_stop")}
+    assert set(lines) == {"champion", "challenger"}
+    assert f" {second} " in lines["champion"] and f" {first} " in lines["challenger"]
 
 
 def test_a_model_with_other_features_is_refused_and_the_last_good_one_kept(
