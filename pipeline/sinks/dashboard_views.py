@@ -124,6 +124,17 @@ CROSS JOIN LATERAL (VALUES ('pit_stop', s.pit_stop_version),
                            ('crash_risk', s.crash_risk_version)) AS m (model, version)
 GROUP BY 1, 2, 3, 4;
 
+-- Live scores (pipeline.ml.live_scores) of each latest run: per model, role (champion
+-- as served, challenger in shadow) and version, the laps whose outcome is known so far.
+-- No rows until the run is scored; pr_auc NULL: no positive (or no negative) lap yet.
+CREATE OR REPLACE VIEW dash_live_scores AS
+SELECT s.session_key, s.run_id, s.label, s.role, s.version,
+       format('%s v%s (%s)', s.label, s.version, s.role) AS model,
+       s.horizon_laps, s.laps, s.positives, s.base_rate, s.pr_auc, s.brier,
+       s.alerts, s.alert_hits, s.alert_precision, s.outcomes_from, s.scored_at
+FROM dash_latest_runs AS lr
+JOIN live_model_scores AS s ON s.run_id = lr.run_id;
+
 CREATE OR REPLACE VIEW dash_anomalies AS
 SELECT a.session_key, a.run_id, a.driver, a.driver_number, a.seq, a.event_time,
        a.reason, a.value

@@ -1,10 +1,11 @@
 """The dashboards kept as code, against the real Superset and PostgreSQL.
 
-A slice of the demo race is replayed first (scratch topics, unpaced, models served
-as configured; with no champion trained the probabilities are NULL but the rows
-exist), so the demo session's latest replay has data. Then: importing twice changes
-nothing, every chart answers rows for the demo session, every dashboard renders in
-headless Chromium with no chart in an error state, the reader role reads every view.
+A slice of the demo race is replayed first (scratch topics, unpaced, a toy pit stop
+champion and challenger of the test's own served; the other models have none, so their
+probabilities are NULL but the rows exist), and its matured laps are scored live, so the
+demo session's latest replay has data. Then: importing twice changes nothing, every
+chart answers rows for the demo session, every dashboard renders in headless Chromium
+with no chart in an error state, the reader role reads every view.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from pipeline.dashboards import bundle, screenshots
 from pipeline.kafka.consumer import StreamConsumer
 from pipeline.kafka.producer import produce_session
 from pipeline.kafka.topics import scratch_topics
+from pipeline.ml import live_scores
+from pipeline.ml.registry import scratch_models
 from pipeline.settings import Settings
+from tests.integration.streams import register_toy_champion
 
 CHART_FILES = sorted(p.name for p in (bundle.BUNDLE_DIR / "charts").glob("*.yaml"))
 DATASET_FILES = sorted((bundle.BUNDLE_DIR / "datasets").rglob("*.yaml"))
@@ -39,15 +43,31 @@ def _yaml(path: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def replayed(stack: Settings, race_export: Path) -> Iterator[str]:
     """90 s of the demo race from about lap 22, stored: the demo session's latest run
-    while this module runs (scratch_topics deletes its rows at the end)."""
+    while this module runs (scratch_topics deletes its rows at the end). Served by toy
+    pit stop models of the test's own (v2 champion, v1 challenger in shadow, never the
+    demo's), then scored live as a finished run is: the laps the cars completed."""
+    import mlflow
+
+    from pipeline.ml.train import CHALLENGER, registered_name
+
     folder = stack.export_dir / stack.demo_session  # race_export: made here in a fresh clone
     run = f"dash-{uuid.uuid4().hex[:6]}"
-    with scratch_topics(stack, "dash") as scratch:
-        produce_session(
-            folder, speed=None, run_id=run, start_offset_s=5400, duration_s=90, settings=scratch
+    with scratch_topics(stack, "dash") as scratch, scratch_models(scratch, "dash") as models:
+        register_toy_champion(models)
+        register_toy_champion(models)  # v2 is the champion now
+        mlflow.MlflowClient(models.mlflow_tracking_uri).set_registered_model_alias(
+            registered_name("pit_stop", models), CHALLENGER, "1"
         )
-        report = StreamConsumer("dash-test", settings=scratch).run(until_run=run, idle_timeout_s=60)
+        produce_session(
+            folder, speed=None, run_id=run, start_offset_s=5400, duration_s=90, settings=models
+        )
+        report = StreamConsumer("dash-test", settings=models).run(until_run=run, idle_timeout_s=60)
         assert report.stop_reason == f"run {run} complete" and report.samples > 0
+        scores = live_scores.score_run(run, models)  # needs the versions: inside scratch_models
+        assert {(s["label"], s["role"], s["version"]) for s in scores} == {
+            ("pit_stop", "champion", 2),
+            ("pit_stop", "challenger", 1),
+        }, "no lap of the replay matured, or a model was not served"
         with psycopg.connect(stack.postgres_url("telemetry_reader")) as conn:
             latest = conn.execute(
                 "SELECT run_id FROM dash_latest_runs WHERE session_key = %s",
@@ -203,3 +223,45 @@ def test_the_reader_role_selects_every_view(
         )
         row = conn.execute(query, (stack.demo_session,)).fetchone()
     assert row is not None
+
+
+def test_every_dataset_lists_its_view_columns_in_order(stack: Settings, replayed: str) -> None:
+    """Import does not read a view's columns: a chart can only use the ones its
+    dataset lists, so every column the view has (appended ones too) is listed."""
+    datasets = [_yaml(path) for path in DATASET_FILES]
+    listed = {d["table_name"]: [c["column_name"] for c in d["columns"]] for d in datasets}
+    with psycopg.connect(stack.postgres_url("telemetry_reader"), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = 'public' AND table_name = ANY(%s) "
+            "ORDER BY table_name, ordinal_position",
+            (list(listed),),
+        ).fetchall()
+    in_views: dict[str, list[str]] = {}
+    for table, column in rows:
+        in_views.setdefault(table, []).append(column)
+    assert in_views == listed
+
+
+def test_the_live_score_charts_show_what_was_scored(
+    stack: Settings, imported: bundle.ImportReport, api: httpx.Client, replayed: str
+) -> None:
+    """Both roles of the toy pit stop model, as `live_model_scores` holds them."""
+    with psycopg.connect(stack.postgres_url("telemetry_reader"), autocommit=True) as conn:
+        stored = conn.execute(
+            "SELECT label, role, version, laps, alerts, alert_hits FROM live_model_scores "
+            "WHERE run_id = %s",
+            (replayed,),
+        ).fetchall()
+    table, alerts = (
+        bundle.chart_data(api, stack, _yaml(bundle.BUNDLE_DIR / "charts" / name)["uuid"],
+                          stack.demo_session)["data"]
+        for name in ("pred-live-scores.yaml", "pred-alerts.yaml")
+    )  # fmt: skip
+    assert sorted((r["label"], r["role"], r["version"], r["laps"]) for r in table) == sorted(
+        s[:4] for s in stored
+    )
+    assert [r["role"] for r in table] == ["champion", "challenger"]  # champion first
+    assert sorted((r["model"], r["alerts"], r["alert hits"]) for r in alerts) == sorted(
+        (f"{label} v{version} ({role})", n, hits) for label, role, version, _, n, hits in stored
+    )

@@ -324,7 +324,8 @@ def test_moving_the_alias_mid_stream_switches_versions_without_losing_a_message(
         [F1, "models", "compare", "--run", run], env=subprocess_env(stream),
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    lines = {line.split()[1]: line for line in printed.splitlines() if line.startswith("pit_stop")}
+    rows = [line.split() for line in printed.splitlines()]
+    lines = {row[1]: f" {' '.join(row)} " for row in rows if row and row[0] == "pit_stop"}
     assert set(lines) == {"champion", "challenger"}
     assert f" {second} " in lines["champion"] and f" {first} " in lines["challenger"]
 

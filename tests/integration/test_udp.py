@@ -22,6 +22,7 @@ import pytest
 from pipeline.dashboards import bundle
 from pipeline.kafka.consumer import verify_run
 from pipeline.kafka.udp_listener import ListenReport, UdpListener
+from pipeline.ml import live_scores
 from pipeline.ml.registry import scratch_models
 from pipeline.settings import Settings
 from pipeline.sinks import telemetry_db
@@ -162,6 +163,11 @@ def test_a_synthetic_f1_25_race_has_windows_anomalies_and_predictions(
         register_toy_champion(models)
         served = {**env, "MODEL_NAME_PREFIX": models.model_name_prefix}
         stored = _check_run(settings, served, run)
+        # Scored live as a game session is: outcomes from the stream (pit stops only).
+        scores = live_scores.score_run(run["run_id"], models)
+    assert {(s["label"], s["role"], s["outcomes_from"]) for s in scores} == {
+        ("pit_stop", "champion", "stream")
+    }
     assert (
         stored.groupby("driver_number").size().nunique() == 1
         and stored["driver_number"].nunique() == 22
