@@ -71,12 +71,13 @@ def served_laps(conn: Any, run_id: str, label: str, role: str) -> pd.DataFrame:
     suffix = ROLES[role]
     p = sql.Identifier(f"{label}{suffix}_p")
     version = sql.Identifier(f"{label}{suffix}_version")
+    # One pass over the run's rows of the primary key, no join (a join planned on a
+    # run too new for the table's statistics went quadratic).
     query = sql.SQL(
-        "SELECT s.driver_number, s.lap_number, p.{version} AS version, avg(p.{p}) AS p "
-        "FROM telemetry_predictions AS p JOIN telemetry_samples AS s "
-        "  ON s.run_id = p.run_id AND s.driver_number = p.driver_number AND s.seq = p.seq "
-        "WHERE p.run_id = %s AND p.in_domain AND p.{p} IS NOT NULL "
-        "GROUP BY s.driver_number, s.lap_number, p.{version}"
+        "SELECT driver_number, lap_number, {version} AS version, avg({p}) AS p "
+        "FROM telemetry_predictions "
+        "WHERE run_id = %s AND in_domain AND {p} IS NOT NULL AND lap_number IS NOT NULL "
+        "GROUP BY driver_number, lap_number, {version}"
     ).format(p=p, version=version)
     rows = conn.execute(query, (run_id,)).fetchall()
     return pd.DataFrame(rows, columns=["driver_number", "lap_number", "version", "p"])

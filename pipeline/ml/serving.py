@@ -217,6 +217,8 @@ class ChampionScorer:
         )
         domain = in_domain(features)
         rows["in_domain"] = domain
+        # The lap a prediction is for: live scores group by it, without a join.
+        rows["lap_number"] = pd.array(features["lap_number"].to_numpy(), dtype="Int64")
         scored = features[domain]
         for label in self.labels:
             self._columns(rows, label, self.served.get(label), scored, domain, "")

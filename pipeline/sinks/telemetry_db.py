@@ -169,6 +169,7 @@ CREATE TABLE IF NOT EXISTS telemetry_predictions (
 ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS driver text;
 -- Models worth trusting: the lap-level models' domain and alerts at each version's threshold.
 ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS in_domain boolean;
+ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS lap_number smallint;
 ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS pit_stop_alert boolean;
 ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS tire_failure_alert boolean;
 ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS crash_risk_alert boolean;
