@@ -424,7 +424,7 @@ def demo() -> None:
     if training is not None:
         typer.echo(
             f"\nModels: training on every race in Airflow ({settings.airflow_url}/dags/"
-            f"{TRAIN_DAG}, about 15 minutes); each swaps into the demo when registered.\n"
+            f"{TRAIN_DAG}, one model after another); each swaps into the demo when registered.\n"
             f"  Meanwhile the predictions stay empty. Runs: {settings.mlflow_tracking_uri}"
         )
 

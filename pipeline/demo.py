@@ -50,7 +50,8 @@ def start_udp_live(settings: Settings, *, wait_s: float = 180.0) -> dict[str, An
 def start_training(settings: Settings, *, wait_s: float = 180.0) -> dict[str, Any] | None:
     """Trigger f1_train (every race, its default split) when a model has no champion
     the stream can serve; None when they all have one. It runs beside the demo in
-    Airflow (about 15 minutes on 2 cores): the consumers follow the `champion`
+    Airflow (one model after another; `f1 train` took 15 minutes on 2 cores): the
+    consumers follow the `champion`
     aliases, so the new models swap in as each finishes."""
     from pipeline.ml.train import needs_training
 
