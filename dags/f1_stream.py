@@ -3,7 +3,9 @@
 
 Replays an exported session into Kafka and analyses it as it arrives: one
 producer task and N consumer tasks (one consumer group) run side by side, then
-`verify` checks that every delivered sample is stored exactly once.
+`verify` checks that every delivered sample is stored exactly once. Beside them,
+`score_live` scores the served predictions as their laps end (every 60 s while
+the producer runs); `score_final` scores the complete run after `verify`.
 
 - **Session**: an export under `EXPORT_DIR` (run `f1_export` first).
 - **Speed**: 1 is real time (about 80 samples/s for 20 cars); 0 is as fast as possible.
@@ -133,24 +135,26 @@ def f1_stream() -> None:
         return verify_run(run["stream_run"], delivered=int(produced["delivered"]))
 
     @task(execution_timeout=LONG_RUNNING, retries=1)
-    def score_live(run: dict) -> dict:  # type: ignore[type-arg]
-        """Score every served prediction once its outcome is known, while the run
-        streams and when it is complete (champion and challenger, per version)."""
+    def score_live(run: dict) -> int:  # type: ignore[type-arg]
+        """Score every served prediction once its lap is over, while the run streams."""
         from pipeline.kafka.client import stop_on_signals
-        from pipeline.kafka.topics import admin_client, describe
         from pipeline.ml.live_scores import score_while_running
-        from pipeline.settings import get_settings
 
-        settings = get_settings()
-        partitions, _ = describe(admin_client(settings), settings.telemetry_topic)
         with stop_on_signals() as stop:
-            rows = score_while_running(run["stream_run"], partitions, stop=stop)
+            return len(score_while_running(run["stream_run"], stop=stop))
+
+    @task
+    def score_final(run: dict) -> dict:  # type: ignore[type-arg]
+        """The complete run's live scores: champion and challenger, per version."""
+        from pipeline.ml.live_scores import score_run
+
+        rows = score_run(run["stream_run"])
         return {f"{r['label']} {r['role']} v{r['version']}": r["pr_auc"] for r in rows}
 
     run = start_run()
     produced = produce(run)
     consumed = consume.partial(run=run).expand(member=members(run))
-    verify(run, produced, consumed)
+    verify(run, produced, consumed) >> score_final(run)
     score_live(run)
 
 

@@ -221,38 +221,36 @@ def read_scores(run_id: str, settings: Settings | None = None) -> pd.DataFrame:
 
 def score_while_running(
     run_id: str,
-    partitions: int,
     *,
     interval_s: float = 60.0,
-    grace_s: float = 600.0,
+    wait_for_start_s: float = 180.0,
     settings: Settings | None = None,
     stop: Any = None,
 ) -> list[dict[str, Any]]:
-    """Score the run every `interval_s` while it streams (each lap as it matures),
-    and once more when every partition's end marker is stored; gives up waiting
-    `grace_s` after the producer finished (a consumer failed: `verify` says so)."""
+    """Score the run every `interval_s` while its producer runs (each lap as it
+    matures), once more when the producer has finished, and return. The last laps
+    are scored after the run is complete (the f1_stream DAG's `score_final`). A run
+    whose producer has not started after `wait_for_start_s` is not waited for."""
     import threading
     import time
 
     settings = settings or get_settings()
     stop = stop or threading.Event()
-    finished_since: float | None = None
+    started = time.monotonic()
+    rows: list[dict[str, Any]] = []
     while True:
         with telemetry_db.connect(settings, autocommit=True) as conn:
-            ended, _, _ = telemetry_db.run_completion(conn, run_id)
             row = conn.execute(
                 "SELECT finished_at IS NOT NULL FROM stream_runs WHERE run_id = %s", (run_id,)
             ).fetchone()
-        done = ended >= partitions
-        if row and row[0] and finished_since is None:
-            finished_since = time.monotonic()
-        try:
-            rows = score_run(run_id, settings) if row else []
-        except Exception:  # a scoring hiccup (MLflow away) must not end the live scores
-            log.exception("scoring run %s failed; trying again in %.0f s", run_id, interval_s)
-            rows = []
-        late = finished_since is not None and time.monotonic() - finished_since > grace_s
-        if done or late or stop.is_set():
+        if row is not None:
+            try:
+                rows = score_run(run_id, settings)
+            except Exception:  # a scoring hiccup (MLflow away) must not end the live scores
+                log.exception("scoring run %s failed; trying again in %.0f s", run_id, interval_s)
+        finished = row is not None and bool(row[0])
+        never_started = row is None and time.monotonic() - started > wait_for_start_s
+        if finished or never_started or stop.is_set():
             return rows
         stop.wait(interval_s)
 
