@@ -41,8 +41,11 @@ def _default_text(field: FieldInfo) -> str:
     if value is PydanticUndefined:
         return ""
     if isinstance(value, Path):
-        # Relative to the project, so the file is the same in every clone (`../shared/...`).
-        return os.path.relpath(value, PROJECT_ROOT)
+        # Paths beside the project (`../shared/...`) are written relative to it, so the file
+        # is the same in every clone; system paths (/usr/lib/...) stay absolute.
+        if value.is_relative_to(PROJECT_ROOT.parent):
+            return os.path.relpath(value, PROJECT_ROOT)
+        return str(value)
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
