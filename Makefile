@@ -4,7 +4,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 F1 := .venv/bin/f1
 
-.PHONY: help install up down status test test-faults lint audit
+.PHONY: help install up down status test test-faults lint audit bench
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,3 +36,6 @@ lint: install  ## ruff and mypy
 
 audit: install  ## pip-audit of both locked environments (fails on fixable vulnerabilities)
 	@.venv/bin/python -m pipeline.audit
+
+bench: install  ## the benchmark suite (figures, not pass/fail) -> docs/benchmarks.md
+	@$(F1) bench all

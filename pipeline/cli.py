@@ -355,8 +355,14 @@ def consume(
         float | None, typer.Option(help="Stop after this many seconds without a message.")
     ] = None,
     max_seconds: Annotated[float | None, typer.Option(help="Stop after this long.")] = None,
+    report_file: Annotated[
+        Path | None,
+        typer.Option("--report", help="Write the report as JSON here, every latency included."),
+    ] = None,
 ) -> None:
     """Consume the telemetry topic in the group: anomalies, windows, rows to PostgreSQL."""
+    import dataclasses
+    import json
     import os
     import socket
 
@@ -367,11 +373,13 @@ def consume(
     member = member or f"{socket.gethostname()}-{os.getpid()}"
     with stop_on_signals() as stop:
         try:
-            report = StreamConsumer(member, stop=stop).run(
+            report = StreamConsumer(member, stop=stop, keep_latencies=bool(report_file)).run(
                 until_run=until_run, idle_timeout_s=idle_timeout, max_seconds=max_seconds
             )
         except (KafkaUnavailable, DatabaseUnavailable, DeadLettersUndelivered) as err:
             _fail(str(err))
+    if report_file:
+        report_file.write_text(json.dumps(dataclasses.asdict(report)))
     typer.echo(
         f"{member}: {report.messages:,} messages in {report.batches:,} batches, "
         f"{report.messages_per_s:,.0f}/s; {report.samples:,} samples stored, "
@@ -763,6 +771,38 @@ def bench_stream(
                        else f"  {name:<32} {value:,}")  # fmt: skip
 
 
+@bench_app.command("scaling")
+def bench_scaling(
+    session: Annotated[str, typer.Option(help="Export the streams replay.")] = "2023_Monaco_R",
+    speed: Annotated[float, typer.Option(help="Pace of each stream (x real time).")] = 20.0,
+    seconds: Annotated[float, typer.Option(help="Wall seconds each stream runs.")] = 60.0,
+    counts: Annotated[str, typer.Option(help="Consumer counts, comma-separated.")] = "1,2,4",
+    plot: Annotated[
+        Path | None, typer.Option(help="Where the PNG plot goes [docs/img/scaling.png].")
+    ] = None,
+) -> None:
+    """Weak and strong scaling over 1, 2, 4 consumer processes: throughput,
+    produce-to-commit latency, lag, CPU; to PostgreSQL, MLflow and a plot."""
+    from tqdm import tqdm
+
+    from pipeline.bench import scaling
+
+    _setup_logging()
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    settings = get_settings()
+    plot = plot or scaling.PLOT
+    ks = [int(k) for k in counts.split(",")]
+    total = len(scaling.points(ks))
+    with tqdm(total=total, desc="scaling points", unit="point") as bar:
+        experiment, run_id = scaling.run_and_record(
+            settings, _export_folder(session), counts=ks, speed=speed, seconds=seconds,
+            plot_path=plot, on_point=lambda result: bar.update(1),
+        )  # fmt: skip
+    typer.echo(f"{experiment.experiment_id} on {experiment.host}, {experiment.cores} cores")
+    typer.echo(scaling.table(experiment))
+    typer.echo(f"plot: {plot}; MLflow run {run_id}; rows in bench_scaling")
+
+
 @bench_app.command("live")
 def bench_live(
     session: Annotated[str, typer.Option(help="Export to replay (from about lap 22).")] = (
@@ -836,6 +876,50 @@ def bench_models() -> None:
         typer.echo(f"{label}: " + ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()
         ))  # fmt: skip
+
+
+@bench_app.command("all")
+def bench_all(
+    quick: Annotated[
+        bool, typer.Option(help="Tiny loads: a smoke run of a few minutes, figures say little.")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Where the Markdown report goes [docs/benchmarks.md].")
+    ] = None,
+    only: Annotated[
+        str,
+        typer.Option(
+            help="Sections, comma-separated (default all): producer, decode, consumer, cpu, "
+            "speed, latency, models, sink, memory."
+        ),
+    ] = "",
+) -> None:
+    """The benchmark suite: each figure beside Kafka's own perf tools measured in
+    the same run (ratios first), with the machine; to docs/benchmarks.md."""
+    from tqdm import tqdm
+
+    from pipeline.bench import suite
+
+    _setup_logging()
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    sections = [s.strip() for s in only.split(",") if s.strip()] or list(suite.SECTIONS)
+    unknown = [s for s in sections if s not in suite.SECTIONS]
+    if unknown:
+        _fail(f"unknown sections {unknown}; the sections are {', '.join(suite.SECTIONS)}")
+    with tqdm(total=len(sections), desc="benchmarks", unit="section") as bar:
+        report = suite.run(
+            get_settings(), quick=quick, sections=sections,
+            on_start=lambda key: bar.set_postfix_str(key),
+            on_section=lambda section: bar.update(1),
+        )  # fmt: skip
+    path = suite.write(report, out or suite.DOCS)
+    typer.echo(suite.summary_table(report))
+    failed = [s for s in report.sections if s.error]
+    for section in failed:
+        typer.secho(f"{section.key} failed: {section.error}", fg=typer.colors.RED, err=True)
+    typer.echo(f"report: {path} ({report.seconds / 60:.0f} min)")
+    if failed:
+        raise typer.Exit(1)
 
 
 def _print_status(settings: Settings) -> bool:

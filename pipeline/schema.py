@@ -135,11 +135,14 @@ def produced_at(message_headers: Any) -> int | None:
     """The `produced_at_us` header as an int (None when absent); a value that is
     not a plausible microsecond timestamp raises BadHeader, as does a `schema`
     header naming another schema."""
-    name = header_value(message_headers, HEADER_SCHEMA)
-    if name is not None and name != SCHEMA_NAME.encode():
+    # One dict per message (the first of repeated names wins, as in header_value):
+    # this runs for every message, and scanning the list per name cost twice as much.
+    found = dict(reversed(message_headers)) if message_headers else {}
+    name = _bytes_or_none(found.get(HEADER_SCHEMA))
+    if name is not None and name != _SCHEMA_NAME_BYTES:
         shown = as_text(name[:40])
         raise BadHeader(f"header {HEADER_SCHEMA}={shown!r}: this consumer reads {SCHEMA_NAME}")
-    raw = header_value(message_headers, HEADER_PRODUCED_AT)
+    raw = _bytes_or_none(found.get(HEADER_PRODUCED_AT))
     if raw is None:
         return None
     if not (raw.isdigit() and len(raw) <= 19 and _MIN_DATE_US <= int(raw) <= _MAX_DATE_US):
@@ -148,6 +151,13 @@ def produced_at(message_headers: Any) -> int | None:
             f"header {HEADER_PRODUCED_AT}={shown!r} is not a wall-clock time in microseconds"
         )
     return int(raw)
+
+
+def _bytes_or_none(value: Any) -> bytes | None:
+    return value if isinstance(value, bytes) else None
+
+
+_SCHEMA_NAME_BYTES = SCHEMA_NAME.encode()
 
 
 def message_key(session_key: str, driver_number: int) -> bytes:

@@ -10,6 +10,10 @@ updates per second per consumer; faster replays give more.
 The benchmark watches for a fixed time and reports rates; the test (`min_updates`)
 watches until a condition holds instead: the replay is over, the page received at
 least that many of its updates and drew the last one it received.
+
+Produce-to-browser per update of the replay: the batch's produce-to-commit (its
+p50 and p99, carried in the update) plus that update's commit-to-browser, as the
+page received it (the page cannot see each message's produce time).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +51,10 @@ class LiveRun:
     # the demo's, reach it too), and whether it drew after the last of them.
     run_updates: int | None = None
     run_updates_drawn: bool | None = None
+    # Per update of this replay: its batch's produce-to-commit p50 (p99) plus the
+    # update's commit-to-browser, ms.
+    produce_to_browser_p50_ms: list[float] = field(default_factory=list)
+    produce_to_browser_p99_ms: list[float] = field(default_factory=list)
 
 
 def run(
@@ -95,7 +103,7 @@ def run(
         producer.start()
         mine: dict[str, Any] = {}
         if min_updates is None:
-            watched = browser.watch(scratch, seconds, screenshot=screenshot)
+            watched, mine = _watch_for(scratch, run_id, seconds, screenshot=screenshot)
         else:
             watched, mine = _watch_until(
                 scratch,
@@ -120,17 +128,27 @@ def run(
         int(row[0]) if row else 0,
         run_updates=mine.get("updates"),
         run_updates_drawn=mine.get("drawn"),
+        produce_to_browser_p50_ms=mine.get("p50", []),
+        produce_to_browser_p99_ms=mine.get("p99", []),
     )
 
 
 # Counts the updates of one replay as the page gets them: a second listener on the
 # page's own EventSource (`source`), after the page's, so the page has taken each in.
+# With each, the produce-to-browser of its batch (see the module's docstring).
 _COUNT_RUN_JS = """(run) => {
-  window.f1run = { updates: 0, lastAt: null };
+  window.f1run = { updates: 0, lastAt: null, p50: [], p99: [] };
   source.addEventListener("batch", (e) => {
-    if (JSON.parse(e.data).runs.includes(run)) {
+    const update = JSON.parse(e.data);
+    if (update.runs.includes(run)) {
+      const received = nowMs();
       f1run.updates += 1;
-      f1run.lastAt = nowMs();
+      f1run.lastAt = received;
+      const toBrowser = received - update.committed_us / 1000;
+      if (update.latency_p50_ms !== null) {
+        f1run.p50.push(update.latency_p50_ms + toBrowser);
+        f1run.p99.push(update.latency_p99_ms + toBrowser);
+      }
     }
   });
 }"""
@@ -139,6 +157,21 @@ _RUN_STATE_JS = """() => ({
   updates: f1run.updates,
   drawn: f1run.lastAt !== null && lastRender >= f1run.lastAt,
 })"""
+_RUN_LATENCIES_JS = "() => ({ p50: f1run.p50, p99: f1run.p99 })"
+
+
+def _watch_for(
+    settings: Settings, run_id: str, seconds: float, *, screenshot: Path | None
+) -> tuple[browser.PageWatch, dict[str, Any]]:
+    """`browser.watch`, counting the replay's own updates too."""
+    with browser.signed_in_page(settings) as page:
+        answer = page.goto(f"{settings.airflow_url}/f1/live")
+        if answer is None or answer.status != 200:
+            raise RuntimeError(f"live page answered {answer and answer.status}")
+        page.evaluate(_COUNT_RUN_JS, run_id)
+        page.wait_for_timeout(seconds * 1000)
+        state: dict[str, Any] = {**page.evaluate(_RUN_STATE_JS), **page.evaluate(_RUN_LATENCIES_JS)}
+        return browser.read_page(page, screenshot), state
 
 
 def _watch_until(
@@ -165,6 +198,7 @@ def _watch_until(
             if done or time.monotonic() > deadline:
                 break
             page.wait_for_timeout(100)
+        state.update(page.evaluate(_RUN_LATENCIES_JS))
         return browser.read_page(page, screenshot), state
 
 
@@ -179,5 +213,8 @@ def figures(live: LiveRun) -> dict[str, Any]:
             f"commit_to_browser_{name}": value
             for name, value in percentiles(watched.latencies_ms).items()
         },
+        # Over the replay's own updates (the page's counters above take every update).
+        "produce_to_browser_p50_ms": percentiles(live.produce_to_browser_p50_ms)["p50_ms"],
+        "produce_to_browser_p99_ms": percentiles(live.produce_to_browser_p99_ms)["p99_ms"],
         "cars_shown": watched.cars_shown,
     }

@@ -8,18 +8,16 @@
 
 from __future__ import annotations
 
-import re
-import subprocess
 import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench import kafka_perf
 from pipeline.kafka.consumer import StreamConsumer
 from pipeline.kafka.producer import produce_session
 from pipeline.kafka.topics import scratch_topics
 from pipeline.settings import Settings
-from pipeline.stack import kafka_server
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -30,18 +28,9 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 
 def kafka_consumer_perf(settings: Settings, messages: int) -> float:
-    """Messages per second of Kafka's ConsumerPerformance over the topic."""
-    command = [
-        "java", "-cp", kafka_server.classpath(settings),
-        "org.apache.kafka.tools.ConsumerPerformance",
-        "--bootstrap-server", settings.kafka_bootstrap_servers,
-        "--topic", settings.telemetry_topic, "--num-records", str(messages),
-        "--group", f"{settings.consumer_group}-perf", "--timeout", "60000",
-    ]  # fmt: skip
-    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    header, values = [line for line in output.splitlines() if re.search(r"\d|nMsg", line)][-2:]
-    row = dict(zip([h.strip() for h in header.split(",")], values.split(","), strict=False))
-    return float(row["nMsg.sec"])
+    """Messages per second of Kafka's ConsumerPerformance over the topic (the
+    group join included: `kafka_perf.consumer_perf` has every figure)."""
+    return kafka_perf.consumer_perf(settings, messages)["nMsg.sec"]
 
 
 def throughput(settings: Settings, export_folder: Path) -> dict[str, Any]:

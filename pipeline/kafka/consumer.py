@@ -1,9 +1,10 @@
 """The stream consumer (`f1 consume`): any number of processes in one group.
 
-Per batch: decode and validate every message (bad ones to the dead-letter
-topic, with the reason), run the per-car logic (`pipeline.processing.batch`),
-let the scorers (the ML models) score the batch, then write rows, offsets and
-per-car state to PostgreSQL in one transaction. On assignment a partition's
+It does the Kafka and transaction I/O. Per batch: poll what has arrived;
+`pipeline.processing.compose` turns it into rows (decode and validate every
+message, the per-car logic, the models' scores); send the bad messages to the
+dead-letter topic with their reason; then write rows, offsets and per-car state
+to PostgreSQL in one transaction. On assignment a partition's
 offset and state are read back from PostgreSQL, so a crash or a rebalance
 neither loses nor doubles a row.
 
@@ -21,7 +22,7 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -29,26 +30,17 @@ from pipeline import faults, schema
 from pipeline.kafka.client import check_reachable, consumer_config, producer_config
 from pipeline.live import feed as live_feed
 from pipeline.processing import batch as batch_logic
+from pipeline.processing import compose
 from pipeline.settings import Settings, get_settings
 from pipeline.sinks import telemetry_db
 
 if TYPE_CHECKING:
-    import pandas as pd
     import psycopg
     from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
 log = logging.getLogger(__name__)
 
 PAYLOAD_HEAD_BYTES = 1024
-
-
-class BatchScorer(Protocol):
-    """The seam where models plug in: score a processed batch (its samples and
-    their features) with one call per model, returning rows for `table`."""
-
-    table: str
-
-    def score(self, samples: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame: ...
 
 
 @dataclass
@@ -71,24 +63,12 @@ class ConsumeReport:
     stop_reason: str = ""
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
     busy_seconds: float = 0.0  # from the first message received to the last commit
+    cpu_seconds: float = 0.0  # this process's CPU over the same span (start-up left out)
     latencies_ms: list[float] = field(default_factory=list)  # kept when asked (benchmarks)
 
     @property
     def messages_per_s(self) -> float:
         return self.messages / self.busy_seconds if self.busy_seconds else 0.0
-
-
-@dataclass
-class _Decoded:
-    samples: list[schema.TelemetrySample] = field(default_factory=list)
-    meta: list[tuple[int, int, int | None]] = field(
-        default_factory=list
-    )  # partition, offset, produced
-    ends: list[tuple[int, schema.EndOfStream]] = field(default_factory=list)
-    dead: list[tuple[Message, str, str]] = field(default_factory=list)  # message, class, reason
-    broker_errors: int = 0
-    new_runs: dict[str, tuple[str, str]] = field(default_factory=dict)  # run -> session, source
-    by_position: dict[tuple[int, int], Message] = field(default_factory=dict)
 
 
 class StreamConsumer:
@@ -97,13 +77,14 @@ class StreamConsumer:
         member: str,
         *,
         settings: Settings | None = None,
-        scorers: Sequence[BatchScorer] | None = None,
+        scorers: Sequence[compose.BatchScorer] | None = None,
         stop: threading.Event | None = None,
         keep_latencies: bool = False,
     ) -> None:
         self.settings = settings or get_settings()
         self.keep_latencies = keep_latencies
         self._first_message: float | None = None
+        self._first_cpu = 0.0
         self.member = member
         self.scorers = scorers
         if self.scorers is None:  # the champions, unless serving is off
@@ -244,6 +225,8 @@ class StreamConsumer:
 
         check_reachable(self.settings)
         telemetry_db.ensure_schema(self.settings)
+        for scorer in self.scorers or ():
+            scorer.start()
         self._conn = telemetry_db.connect(self.settings, autocommit=True)
         self._consumer = Consumer(
             consumer_config(self.settings, self.member, error_cb=self._on_error)
@@ -263,9 +246,9 @@ class StreamConsumer:
                     break
                 if until_run and now - last_check > 1.0:
                     last_check = now
-                    ended, _, _ = self._with_database(
+                    ended = self._with_database(
                         "checking the run",
-                        lambda conn: telemetry_db.run_completion(conn, until_run),
+                        lambda conn: telemetry_db.partitions_ended(conn, until_run),
                     )
                     if ended >= partitions_total:
                         self.report.stop_reason = f"run {until_run} complete"
@@ -353,35 +336,23 @@ class StreamConsumer:
         assert self._consumer is not None
         started = time.perf_counter()
         if self._first_message is None:
-            self._first_message = started
-        decoded, next_offsets = self._decode(messages)
-        frame = _frame(decoded)
-        now_us = time.time_ns() // 1000
-        result = batch_logic.process(
-            frame, self.states, self.window, with_features=bool(self.scorers), now_us=now_us
-        )
-        decoded.dead += [
-            (decoded.by_position[(p, offset)], batch_logic.OUT_OF_BOUNDS, reason)
-            for p, offset, reason in result.rejected
-        ]
-        for partition, end in decoded.ends:
-            result.windows += batch_logic.end_run(self.states[partition], end.run_id, self.window)
+            self._first_message, self._first_cpu = started, time.process_time()
         lags = self._lags()
-        idle_windows, idled = batch_logic.close_idle(
-            self.states, self.window, now_us=now_us,
+        batch = compose.compose(
+            messages, self.states, self.window, self.scorers or (),
+            runs_seen=self._runs_seen, max_message_bytes=self.settings.max_message_bytes,
             caught_up={p for p, lag in lags.items() if lag == 0},
+            now_us=time.time_ns() // 1000,
         )  # fmt: skip
-        result.windows += idle_windows
+        decoded, result, scored = batch.decoded, batch.result, batch.scored
+        next_offsets = decoded.next_offsets
         # Partitions that closed idle cars but had no message: their state (and
         # epoch check) goes in the same commit, at their stored offsets.
         resting = {
             p: offset
-            for p in idled - next_offsets.keys()
+            for p in batch.idled - next_offsets.keys()
             if (offset := self.offsets.get(p)) is not None
         }
-        scored = {}
-        if len(result.samples) and result.features is not None:
-            scored = {s.table: s.score(result.samples, result.features) for s in self.scorers or ()}
         dead_rows = self._dead_letter(decoded.dead)
         commits = [
             telemetry_db.PartitionCommit(p, offset, self.epochs[p], self.states[p].encode())
@@ -435,6 +406,7 @@ class StreamConsumer:
         anomalies = len(result.anomalies)
         r = self.report
         r.busy_seconds = time.perf_counter() - self._first_message
+        r.cpu_seconds = time.process_time() - self._first_cpu
         if self.keep_latencies:
             r.latencies_ms += latency_ms.tolist()
         r.batches += 1
@@ -489,55 +461,6 @@ class StreamConsumer:
             ),
             deadline=deadline,
         )
-
-    def _decode(self, messages: list[Message]) -> tuple[_Decoded, dict[int, int]]:
-        decoded = _Decoded()
-        next_offsets: dict[int, int] = {}
-        limit = self.settings.max_message_bytes
-        for message in messages:
-            if message.error() is not None:  # counted; the client retries by itself
-                decoded.broker_errors += 1
-                log.warning("%s: broker reported %s", self.member, message.error())
-                continue
-            partition, offset = message.partition(), message.offset()
-            if partition is None or offset is None or partition not in self.states:
-                continue  # revoked during this poll: its new owner reads it again
-            next_offsets[partition] = offset + 1
-            raw = message.value() or b""
-            if len(raw) > limit:
-                decoded.dead.append(
-                    (message, "oversized", f"{len(raw)} bytes, over the {limit}-byte limit")
-                )
-                continue
-            try:
-                produced = schema.produced_at(message.headers())
-                value = schema.decode(raw)
-            except schema.BadHeader as err:
-                decoded.dead.append((message, "bad_header", str(err)))
-                continue
-            except schema.HoldsNul as err:
-                decoded.dead.append((message, "invalid", str(err)))
-                continue
-            except msgspec.ValidationError as err:
-                error_class = "out_of_bounds" if schema.is_out_of_bounds(err) else "invalid"
-                decoded.dead.append((message, error_class, str(err)))
-                continue
-            except msgspec.DecodeError as err:
-                decoded.dead.append((message, "malformed", str(err)))
-                continue
-            if isinstance(value, schema.EndOfStream):
-                decoded.ends.append((partition, value))
-                continue
-            if value.run_id not in self._runs_seen and value.run_id not in decoded.new_runs:
-                source = schema.header_value(message.headers(), schema.HEADER_SOURCE)
-                decoded.new_runs[value.run_id] = (
-                    value.session_key,
-                    schema.as_text(source[:100]) if source else "unknown",
-                )
-            decoded.samples.append(value)
-            decoded.meta.append((partition, offset, produced))
-            decoded.by_position[(partition, offset)] = message
-        return decoded, next_offsets
 
     def _dead_letter(self, dead: list[tuple[Message, str, str]]) -> list[tuple[Any, ...]]:
         """Send each bad message to the dead-letter topic (delivered before the
@@ -656,25 +579,3 @@ def verify_run(
             "catching up (run `f1 consume --until-run` to drain) or a consumer failed."
         )
     return summary
-
-
-def _frame(decoded: _Decoded) -> pd.DataFrame:
-    """The batch's samples as columns (one pass over the structs)."""
-    import pandas as pd
-
-    fields = schema.SAMPLE_FIELDS
-    if decoded.samples:
-        rows = zip(*(msgspec.structs.astuple(s) for s in decoded.samples), strict=True)
-        columns = dict(zip(fields, rows, strict=True))
-        partition, offset, produced = zip(*decoded.meta, strict=True)
-    else:
-        columns = {f: () for f in fields}
-        partition = offset = produced = ()
-    # Nullable whole numbers would otherwise become floats (None -> NaN).
-    frame = pd.DataFrame(columns).astype(
-        {c: "Int64" for c in ("lap_number", "stint", "position", "race_laps", "drs")}
-    )
-    frame["partition"] = pd.Series(partition, dtype="int64")
-    frame["offset"] = pd.Series(offset, dtype="int64")
-    frame["produced_at_us"] = pd.Series(produced, dtype="Int64")
-    return frame

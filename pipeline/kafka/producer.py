@@ -1,9 +1,13 @@
 """Replay an exported session into the telemetry topic (`f1 produce`).
 
 The replay clock paces column batches; each row becomes one `TelemetrySample`.
-Deliveries are counted by partition from the delivery reports, and the run ends
-with an `EndOfStream` per partition carrying that count, so consumers can tell
-when they hold the whole run. The run is recorded in `stream_runs`.
+Each car of a run has a partition of its own choosing (`CarPartitioner`): the
+session's cars dealt round-robin over the partitions, so 20 cars on 4 partitions
+are 5 each (key hashing put 45 % of a race on one). A car's samples all go to
+one partition, so their order holds. Deliveries are counted by partition from
+the delivery reports, and the run ends with an `EndOfStream` per partition
+carrying that count, so consumers can tell when they hold the whole run. The run
+is recorded in `stream_runs`.
 """
 
 from __future__ import annotations
@@ -137,7 +141,8 @@ def produce_session(
     columns = message_columns(samples, run_id, session_key)
     fields = schema.SAMPLE_FIELDS
     producer = Producer(producer_config(settings))
-    publisher = RunPublisher(producer, settings, report, SOURCE)
+    cars = samples["driver_number"].unique().tolist()
+    publisher = RunPublisher(producer, settings, report, SOURCE, cars=cars)
     publisher.start()
     started = time.perf_counter()
     row = 0
@@ -165,17 +170,50 @@ def produce_session(
     return report
 
 
+class CarPartitioner:
+    """Deals a run's cars over the topic's partitions round-robin, in the order of
+    their race numbers (the replay knows them all up front, so the deal does not
+    depend on which car sent first), and cars first seen later on the next
+    partitions. The deal starts at a partition chosen by the run id, so runs that
+    do not divide evenly (22 game cars on 4) do not all load partitions 0 and 1."""
+
+    def __init__(self, run_id: str, partitions: int, cars: Iterable[int] = ()) -> None:
+        import zlib
+
+        self.partitions = partitions
+        self._first = zlib.crc32(run_id.encode()) % partitions
+        self._of: dict[int, int] = {}
+        for car in sorted(set(cars)):
+            self.partition(car)
+
+    def partition(self, driver_number: int) -> int:
+        found = self._of.get(driver_number)
+        if found is None:
+            found = self._of[driver_number] = (self._first + len(self._of)) % self.partitions
+        return found
+
+
 class RunPublisher:
     """Publishes one run's samples to the telemetry topic: deliveries counted
     per partition from the delivery reports (with the failed samples' keys),
     the run's end markers carrying those counts, and its `stream_runs` row.
     Sources share it: the FastF1 replay and the game's UDP feed."""
 
-    def __init__(self, producer: Any, settings: Settings, report: ProduceReport, source: str):
+    def __init__(
+        self,
+        producer: Any,
+        settings: Settings,
+        report: ProduceReport,
+        source: str,
+        cars: Iterable[int] = (),
+    ):
         self.producer = producer
         self.settings = settings
         self.report = report
         self.source = source
+        topic = settings.telemetry_topic
+        partitions = len(producer.list_topics(topic, timeout=10).topics[topic].partitions)
+        self.cars = CarPartitioner(report.run_id, partitions, cars)
         self.delivered: Counter[int] = Counter()
         self.sent = 0  # produce calls made (a live source knows its total only at the end)
 
@@ -206,6 +244,7 @@ class RunPublisher:
                 schema.message_key(sample.session_key, sample.driver_number),
                 headers,
                 self._on_delivery,
+                self.cars.partition(sample.driver_number),
             )
             sent += 1
         self.sent += sent
@@ -229,10 +268,14 @@ class RunPublisher:
         self.report.delivered = sum(self.delivered.values())
 
 
-def _produce(producer: Any, topic: str, value: bytes, key: bytes, headers: Any, cb: Any) -> None:
+def _produce(
+    producer: Any, topic: str, value: bytes, key: bytes, headers: Any, cb: Any, partition: int = -1
+) -> None:
     while True:
         try:
-            producer.produce(topic, value, key, headers=headers, on_delivery=cb)
+            producer.produce(
+                topic, value, key, partition=partition, headers=headers, on_delivery=cb
+            )
             return
         except BufferError:  # local queue full: let deliveries drain, then retry
             producer.poll(0.05)

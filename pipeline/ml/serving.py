@@ -196,15 +196,22 @@ class ChampionScorer:
             alert[np.isnan(p)] = pd.NA
             rows[f"{label}_alert"] = alert
 
+    def start(self) -> None:
+        """Load the champions and start following their aliases (once). The
+        consumer calls it before its first poll: importing MLflow and XGBoost and
+        loading the models takes seconds, which would otherwise stall the first
+        batch (and its samples' latency)."""
+        if self._follower is None:
+            self.refresh(force=True)
+            self._follower = threading.Thread(target=self._follow, daemon=True)
+            self._follower.start()
+
     def score(self, samples: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
         """Prediction rows for the batch: one predict call per model, over the
         in-domain samples only."""
         import pandas as pd
 
-        if self._follower is None:  # first batch: load the champions before scoring it
-            self.refresh(force=True)
-            self._follower = threading.Thread(target=self._follow, daemon=True)
-            self._follower.start()
+        self.start()
         rows = pd.DataFrame(
             {
                 "run_id": samples["run_id"].to_numpy(),

@@ -148,10 +148,16 @@ def process(
     date_us = frame["date_us"].to_numpy()
     seq = frame["seq"].to_numpy()
     partition = frame["partition"].to_numpy()
+    # Columns taken out once: indexing the frame inside the per-car loop was most
+    # of a small batch's cost.
+    channels = {c: frame[c].to_numpy(dtype=float) for c in anomaly.RATE_FLOOR}
+    rate_jobs: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
+        c: [] for c in anomaly.RATE_FLOOR
+    }  # channel -> (rows, history, rates) of each car, judged together below
     feature_cars: list[tuple[np.ndarray, CarState]] = []
     for lo, hi in itertools.pairwise(edges):
         key = str(car_values[lo])
-        state = _car_state(states[int(partition[lo])], key, frame.iloc[lo])
+        state = _car_state(states[int(partition[lo])], key, frame, lo)
         state.seen_wall_us = now_us
         if state.idle:  # back after a silence: its windows closed, its history starts anew
             state.idle = False
@@ -173,7 +179,13 @@ def process(
         state.max_date_us = int(seen_max[-1])
         rows, times = rows[~is_late], times[~is_late]
         if len(rows):
-            _gaps_and_outliers(frame, rows, times, state, config, gap, gap_s, outliers)
+            _gaps_and_rates(channels, rows, times, state, config, gap, gap_s, rate_jobs)
+    for channel, jobs in rate_jobs.items():
+        judged = anomaly.robust_outliers_many(
+            [(history, rates) for _, history, rates in jobs], anomaly.RATE_FLOOR[channel]
+        )
+        for (rows, _, _), flagged in zip(jobs, judged, strict=True):
+            outliers[channel][rows] = flagged
 
     flags[anomaly.SAMPLE_GAP] = gap
     for channel, mask in outliers.items():
@@ -404,41 +416,43 @@ def end_run(state: PartitionState, run_id: str, config: WindowConfig) -> list[di
     return closed
 
 
-def _gaps_and_outliers(
-    frame: pd.DataFrame,
+def _gaps_and_rates(
+    channels: dict[str, np.ndarray],
     rows: np.ndarray,
     times: np.ndarray,
     state: CarState,
     config: WindowConfig,
     gap: np.ndarray,
     gap_s: np.ndarray,
-    outliers: dict[str, np.ndarray],
+    rate_jobs: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]],
 ) -> None:
-    """Sample gaps (against the latest earlier sample) and the robust rolling
-    baseline per channel, for one car's on-time rows; updates its state."""
+    """Sample gaps (against the latest earlier sample), and per channel the
+    rates to judge against the car's robust rolling baseline (added to
+    `rate_jobs`), for one car's on-time rows; updates its state."""
     import numpy as np
 
     latest = np.maximum.accumulate(np.concatenate(([state.last_date_us or times[0]], times)))
     step_us = times - latest[:-1]
     gap[rows] = step_us > config.gap_s * 1e6
     gap_s[rows] = step_us / 1e6
-    for channel, floor in anomaly.RATE_FLOOR.items():
-        values = frame[channel].to_numpy()[rows]
+    for channel in anomaly.RATE_FLOOR:
+        values = channels[channel][rows]
         before = np.concatenate(([state.last_values.get(channel, np.nan)], values[:-1]))
         rates = (values - before) / np.maximum(step_us / 1e6, 1e-3)
         valid = np.isfinite(rates) & (step_us > 0)
         history = np.asarray(state.rates.get(channel, []), dtype=float)
-        outliers[channel][rows[valid]] = anomaly.robust_outliers(history, rates[valid], floor)
+        rate_jobs[channel].append((rows[valid], history, rates[valid]))
         kept = np.concatenate((history, rates[valid]))[-anomaly.BASELINE_SAMPLES :]
         state.rates[channel] = kept.tolist()
         state.last_values[channel] = float(values[-1])
     state.last_date_us = int(latest[-1])
 
 
-def _car_state(partition: PartitionState, key: str, first: pd.Series) -> CarState:
+def _car_state(partition: PartitionState, key: str, frame: pd.DataFrame, row: int) -> CarState:
     state = partition.cars.get(key)
     if state is None:
         run_id = key.rsplit(":", 1)[0]
+        first = frame.iloc[row]  # only for a car not seen before
         state = CarState(
             run_id=run_id,
             session_key=str(first["session_key"]),

@@ -1,4 +1,4 @@
-"""The telemetry database: its tables, and batch writes with COPY.
+"""The telemetry database: batch writes with COPY (its schema: pipeline/sinks/sql).
 
 The consumer's rows, its Kafka offsets and its per-car state are written in one
 transaction (`commit_batch`). Each partition's offset row carries an epoch that
@@ -19,208 +19,18 @@ consumers' transactions cannot wait on each other's rows in a cycle.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
 from pipeline.settings import Settings, get_settings
-from pipeline.sinks import dashboard_views
+from pipeline.sinks import migrations
 
 if TYPE_CHECKING:
     import pandas as pd
     import psycopg
-
-SCHEMA_SQL = """
-CREATE TABLE IF NOT EXISTS stream_runs (
-    run_id text PRIMARY KEY,
-    session_key text NOT NULL,
-    source text NOT NULL,
-    speed double precision,                  -- session seconds per wall second; NULL unpaced
-    started_at timestamptz NOT NULL DEFAULT now(),
-    finished_at timestamptz,
-    samples_planned bigint,
-    samples_delivered bigint,
-    delivery_failures bigint,
-    intended_rate_hz double precision,
-    achieved_rate_hz double precision,
-    stopped_early boolean
-);
-CREATE TABLE IF NOT EXISTS stream_run_ends (
-    run_id text NOT NULL,
-    topic_partition integer NOT NULL,
-    samples bigint NOT NULL,                 -- what the producer delivered to the partition
-    committed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, topic_partition)
-);
-CREATE TABLE IF NOT EXISTS telemetry_samples (
-    run_id text NOT NULL,
-    session_key text NOT NULL,
-    driver_number smallint NOT NULL,
-    driver text NOT NULL,
-    seq integer NOT NULL,
-    event_time timestamptz NOT NULL,
-    session_time_s double precision NOT NULL,
-    speed real NOT NULL,
-    rpm real NOT NULL,
-    gear smallint NOT NULL,
-    throttle real NOT NULL,
-    brake real NOT NULL,
-    drs_open boolean NOT NULL,
-    lap_number smallint,
-    stint smallint,
-    compound text,
-    tyre_life real,
-    position smallint,
-    is_in_lap boolean NOT NULL,
-    is_out_lap boolean NOT NULL,
-    track_status text,
-    resampled boolean NOT NULL,
-    is_late boolean NOT NULL,
-    anomalies text[],
-    topic_partition integer NOT NULL,
-    kafka_offset bigint NOT NULL,
-    produced_at timestamptz,
-    committed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, driver_number, seq)
-);
-CREATE INDEX IF NOT EXISTS telemetry_samples_session_time
-    ON telemetry_samples (session_key, event_time);
-CREATE TABLE IF NOT EXISTS telemetry_windows (
-    run_id text NOT NULL,
-    session_key text NOT NULL,
-    driver_number smallint NOT NULL,
-    driver text NOT NULL,
-    window_start timestamptz NOT NULL,
-    window_end timestamptz NOT NULL,
-    samples integer NOT NULL,
-    speed_min real, speed_avg real, speed_max real,
-    rpm_min real, rpm_avg real, rpm_max real,
-    throttle_full_share real,
-    brake_share real,
-    gear_changes integer,
-    drs_open_share real,
-    committed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, driver_number, window_start)
-);
-CREATE TABLE IF NOT EXISTS anomaly_events (
-    run_id text NOT NULL,
-    session_key text NOT NULL,
-    driver_number smallint NOT NULL,
-    driver text NOT NULL,
-    seq integer NOT NULL,
-    event_time timestamptz NOT NULL,
-    reason text NOT NULL,
-    value double precision,
-    committed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, driver_number, seq, reason)
-);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id bigserial PRIMARY KEY,
-    consumer text NOT NULL,
-    topic text NOT NULL,
-    topic_partition integer NOT NULL,
-    kafka_offset bigint NOT NULL,
-    message_key text,
-    error_class text NOT NULL,
-    reason text NOT NULL,
-    payload_bytes integer NOT NULL,
-    payload_head bytea,                      -- the first KiB, for a look
-    received_at timestamptz NOT NULL DEFAULT now(),
-    UNIQUE (topic, topic_partition, kafka_offset)
-);
-CREATE TABLE IF NOT EXISTS stream_metrics (
-    id bigserial PRIMARY KEY,
-    recorded_at timestamptz NOT NULL DEFAULT now(),
-    group_id text NOT NULL,
-    consumer text NOT NULL,
-    partitions integer[] NOT NULL,
-    messages integer NOT NULL,
-    samples integer NOT NULL,
-    duplicates integer NOT NULL,
-    late integer NOT NULL,
-    anomalies integer NOT NULL,
-    windows integer NOT NULL,
-    dead_letters integer NOT NULL,
-    lag bigint,
-    latency_p50_ms real,
-    latency_p95_ms real,
-    latency_p99_ms real,
-    batch_seconds real NOT NULL,
-    messages_per_s real NOT NULL
-);
-CREATE TABLE IF NOT EXISTS telemetry_predictions (
-    run_id text NOT NULL,
-    session_key text NOT NULL,
-    driver_number smallint NOT NULL,
-    seq integer NOT NULL,
-    event_time timestamptz NOT NULL,
-    pit_stop_p real,                         -- NULL: no champion served for the model
-    pit_stop_version integer,
-    tire_failure_p real,
-    tire_failure_version integer,
-    crash_risk_p real,
-    crash_risk_version integer,
-    committed_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, driver_number, seq)
-);
--- Added after the first release: databases made before get them here.
-ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS driver text;
--- Models worth trusting: the lap-level models' domain and alerts at each version's threshold.
-ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS in_domain boolean;
-ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS lap_number smallint;
-ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS pit_stop_alert boolean;
-ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS tire_failure_alert boolean;
-ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS crash_risk_alert boolean;
--- Each model's challenger, scored in shadow beside its champion (NULL: none, or the same).
-ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS pit_stop_challenger_p real;
-ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS pit_stop_challenger_version integer;
-ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS tire_failure_challenger_p real;
-ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS tire_failure_challenger_version integer;
-ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS crash_risk_challenger_p real;
-ALTER TABLE telemetry_predictions ADD COLUMN IF NOT EXISTS crash_risk_challenger_version integer;
-ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS session_key text;
-ALTER TABLE telemetry_samples ADD COLUMN IF NOT EXISTS last_lap_s real;
-ALTER TABLE telemetry_samples ADD COLUMN IF NOT EXISTS gap_ahead_s real;
-ALTER TABLE telemetry_samples ADD COLUMN IF NOT EXISTS race_laps smallint;
-ALTER TABLE stream_runs ADD COLUMN IF NOT EXISTS topic text;
-ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS broker_errors integer NOT NULL DEFAULT 0;
-ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS clashes integer NOT NULL DEFAULT 0;
-ALTER TABLE stream_metrics ADD COLUMN IF NOT EXISTS state_resets integer NOT NULL DEFAULT 0;
-CREATE INDEX IF NOT EXISTS stream_metrics_recorded_at ON stream_metrics (recorded_at);
--- Served predictions scored once their outcome is known (pipeline.ml.live_scores).
-CREATE TABLE IF NOT EXISTS live_model_scores (
-    run_id text NOT NULL,
-    session_key text NOT NULL,
-    label text NOT NULL,
-    role text NOT NULL,                      -- champion (served) | challenger (in shadow)
-    version integer NOT NULL,
-    horizon_laps smallint NOT NULL,
-    laps integer NOT NULL,                   -- laps whose outcome is known so far
-    positives integer NOT NULL,
-    base_rate double precision NOT NULL,
-    pr_auc double precision,                 -- NULL: no positive (or no negative) lap yet
-    brier double precision NOT NULL,
-    alerts integer NOT NULL,                 -- laps at or above the version's threshold
-    alert_hits integer NOT NULL,
-    alert_precision double precision,
-    calibration jsonb NOT NULL,              -- quantile bins: mean p, observed rate, laps
-    outcomes_from text NOT NULL,             -- lap table (a cached race) | stream (a game)
-    scored_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, label, role, version)
-);
-CREATE TABLE IF NOT EXISTS consumer_offsets (
-    group_id text NOT NULL,
-    topic text NOT NULL,
-    topic_partition integer NOT NULL,
-    next_offset bigint,                      -- NULL: nothing consumed yet
-    epoch integer NOT NULL DEFAULT 0,
-    state bytea,
-    updated_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (group_id, topic, topic_partition)
-);
-"""
 
 SAMPLE_COLUMNS = (
     "run_id", "session_key", "driver_number", "driver", "seq", "event_time", "session_time_s",
@@ -264,28 +74,13 @@ def connect(settings: Settings | None = None, *, autocommit: bool = False) -> ps
 
 
 def ensure_schema(settings: Settings | None = None) -> None:
-    """Create the tables and the dashboards' views (idempotent). The reader role
-    sees them through the default privileges set when the database was provisioned.
-
-    Applied only when the definitions changed (their digest is stored): `ALTER
-    TABLE` and `CREATE OR REPLACE VIEW` take exclusive locks, and every producer
-    and consumer calls this while dashboards and other consumers are busy."""
-    import hashlib
-
-    wanted = hashlib.sha256((SCHEMA_SQL + dashboard_views.VIEWS_SQL).encode()).hexdigest()
-    with connect(settings) as conn:
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('f1_telemetry_schema'))")
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS schema_applied "
-            "(digest text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        applied = conn.execute("SELECT digest FROM schema_applied").fetchone()
-        if applied is not None and applied[0] == wanted:
-            return
-        conn.execute(SCHEMA_SQL)
-        conn.execute(dashboard_views.VIEWS_SQL)
-        conn.execute("DELETE FROM schema_applied")
-        conn.execute("INSERT INTO schema_applied (digest) VALUES (%s)", (wanted,))
+    """Bring the tables and the dashboards' views up to date: the SQL files in
+    pipeline/sinks/sql, applied by `migrations.apply`. Only SELECTs when nothing is
+    pending, so every producer and consumer calls it on start. The reader role sees
+    what it creates through the default privileges set when the database was
+    provisioned."""
+    with connect(settings, autocommit=True) as conn:
+        migrations.apply(conn)
 
 
 @dataclass
@@ -318,19 +113,51 @@ def claim_partitions(
     return claims
 
 
-def _copy(
-    conn: psycopg.Connection, table: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
-) -> None:
-    statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-        sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
-    )
+def _copy(conn: psycopg.Connection, table: str, columns: Sequence[str], rows: Any) -> None:
+    """COPY `rows` into `table`: a DataFrame as CSV written by Arrow in one call
+    (no Python per row, where the time went: psycopg's write_row was most of a
+    batch), a short list of tuples row by row."""
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    if isinstance(rows, list):
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(sql.Identifier(table), names)
+        with conn.cursor().copy(statement) as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(sql.Identifier(table), names)
     with conn.cursor().copy(statement) as copy:
-        for row in rows:
-            copy.write_row(row)
+        copy.write(csv_bytes(rows[list(columns)]))
+
+
+def csv_bytes(frame: pd.DataFrame) -> bytes:
+    """The frame as PostgreSQL's CSV: Arrow writes a null unquoted and empty (NULL
+    to COPY) and every string quoted (so "" is an empty string, never NULL);
+    lists become array literals."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    lists = [c for c in frame.columns if frame[c].dtype == object and _holds_lists(frame[c])]
+    if lists:
+        frame = frame.assign(**{c: frame[c].map(_array_literal) for c in lists})
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    sink = pa.BufferOutputStream()
+    pa_csv.write_csv(table, sink, pa_csv.WriteOptions(include_header=False))
+    data: bytes = sink.getvalue().to_pybytes()
+    return data
+
+
+def _holds_lists(column: pd.Series) -> bool:
+    first = column.first_valid_index()
+    return first is not None and isinstance(column[first], list | tuple)
+
+
+def _array_literal(values: Any) -> str | None:
+    # Our lists hold identifiers (anomaly reasons): no quotes or commas to escape.
+    return None if values is None else "{" + ",".join(values) + "}"
 
 
 def _copy_tables(
-    conn: psycopg.Connection, tables: list[tuple[str, Sequence[str], list[Any]]]
+    conn: psycopg.Connection, tables: list[tuple[str, Sequence[str], Any]]
 ) -> dict[str, int]:
     """COPY each (table, columns, rows), skipping rows whose key is already
     stored (or repeated within the rows: the first wins). Returns, per table,
@@ -372,21 +199,14 @@ def _timestamps(micros: Any) -> Any:
     return pd.to_datetime(micros, unit="us", utc=True)
 
 
-def sample_rows(samples: pd.DataFrame) -> Iterable[Sequence[Any]]:
-    """The COPY rows of processed samples (nulls as None, times as datetimes)."""
-    frame = samples.assign(
+def sample_frame(samples: pd.DataFrame) -> pd.DataFrame:
+    """Processed samples as the table's columns (times as timestamps)."""
+    return samples.assign(
         event_time=_timestamps(samples["date_us"]),
         produced_at=_timestamps(samples["produced_at_us"]),
         topic_partition=samples["partition"],
         kafka_offset=samples["offset"],
-    )
-    return plain_rows(frame[list(SAMPLE_COLUMNS)])
-
-
-def plain_rows(frame: pd.DataFrame) -> Iterable[Sequence[Any]]:
-    """Rows of Python values for COPY (numpy scalars and NaN become plain values/None)."""
-    plain = frame.astype(object)
-    return plain.where(plain.notna(), None).itertuples(index=False, name=None)
+    )[list(SAMPLE_COLUMNS)]
 
 
 @dataclass
@@ -433,13 +253,12 @@ def commit_batch(
                 "VALUES (%s, %s, %s, %s) ON CONFLICT (run_id) DO NOTHING",
                 [(*run, topic) for run in new_runs],
             )
-        tables: list[tuple[str, Sequence[str], list[Any]]] = []
+        tables: list[tuple[str, Sequence[str], Any]] = []
         if len(samples):
-            tables.append(("telemetry_samples", SAMPLE_COLUMNS, list(sample_rows(samples))))
+            tables.append(("telemetry_samples", SAMPLE_COLUMNS, sample_frame(samples)))
         if len(events):
             frame = events.assign(event_time=_timestamps(events["date_us"]))
-            rows = list(frame[list(EVENT_COLUMNS)].itertuples(index=False, name=None))
-            tables.append(("anomaly_events", EVENT_COLUMNS, rows))
+            tables.append(("anomaly_events", EVENT_COLUMNS, frame))
         if windows:
             tables.append(
                 ("telemetry_windows", WINDOW_COLUMNS, [_window_values(w) for w in windows])
@@ -448,7 +267,7 @@ def commit_batch(
             tables.append(("dead_letters", DEAD_LETTER_COLUMNS, dead_letters))
         for table, frame in (extra_tables or {}).items():  # e.g. the models' predictions
             if len(frame):
-                tables.append((table, list(frame.columns), list(plain_rows(frame))))
+                tables.append((table, list(frame.columns), frame))
         if tables:
             skipped = _copy_tables(conn, tables)
         if run_ends:  # a retried producer ends its run again: the latest count wins
@@ -520,6 +339,17 @@ def delete_stream_data(
             "DELETE FROM dead_letters WHERE topic = ANY(%s)", ([topic, dead_letter_topic],)
         )
     return len(runs)
+
+
+def partitions_ended(conn: psycopg.Connection, run_id: str) -> int:
+    """Partitions whose end marker for the run is committed: what a consumer
+    waiting for the run checks every second (an index lookup; counting the
+    run's stored rows each time grew with the run)."""
+    row = conn.execute(
+        "SELECT count(*) FROM stream_run_ends WHERE run_id = %s", (run_id,)
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def run_completion(conn: psycopg.Connection, run_id: str) -> tuple[int, int, int]:

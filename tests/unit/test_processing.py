@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import msgspec.inspect as schema_types
 import numpy as np
 import pandas as pd
 import pytest
 
 from pipeline.kafka.producer import message_columns
-from pipeline.processing import anomaly, batch
+from pipeline.processing import anomaly, batch, compose
 from pipeline.processing.batch import BatchResult, PartitionState, WindowConfig
 from pipeline.schema import SAMPLE_FIELDS, SCHEMA_VERSION, TelemetrySample
 from pipeline.sources.replay import load_samples
@@ -46,31 +45,13 @@ FLOAT_COLUMNS = (
 # --- building consumer-like batches ---------------------------------------------------
 
 
-def inferred_dtype(field_type: schema_types.Type) -> Any:
-    """The dtype pandas infers for a column of decoded values (None becomes NaN)."""
-    if isinstance(field_type, schema_types.UnionType):  # X | None
-        (field_type,) = (t for t in field_type.types if not isinstance(t, schema_types.NoneType))
-        if isinstance(field_type, schema_types.IntType):
-            return "float64"  # then Int64, as the consumer casts it
-    plain = {
-        schema_types.IntType: "int64",
-        schema_types.FloatType: "float64",
-        schema_types.BoolType: "bool",
-    }
-    return plain.get(type(field_type), object)
-
-
-# Typed up front: inferring them from Python lists takes seconds on a whole race.
-COLUMN_DTYPES = {
-    f.name: inferred_dtype(f.type) for f in schema_types.type_info(TelemetrySample).fields
-}
 NULLABLE_INTS = {c: "Int64" for c in ("lap_number", "stint", "position", "race_laps", "drs")}
 
 
 def consumer_frame(columns: dict[str, Sequence[Any]]) -> pd.DataFrame:
-    """A batch as `pipeline.kafka.consumer._frame` builds it from decoded messages."""
-    typed = {name: np.asarray(columns[name], dtype=COLUMN_DTYPES[name]) for name in SAMPLE_FIELDS}
-    frame = pd.DataFrame(typed).astype(NULLABLE_INTS)
+    """A batch as the consumer builds it (`compose.columns_frame`, as
+    `compose.frame` does from decoded messages), with partitions and offsets."""
+    frame = compose.columns_frame(columns)
     frame["partition"] = (frame["driver_number"] % PARTITIONS).astype("int64")
     frame["offset"] = frame.groupby("partition").cumcount().astype("int64")
     frame["produced_at_us"] = pd.Series(frame["date_us"], dtype="Int64")
@@ -242,15 +223,18 @@ def three_cars(race: pd.DataFrame) -> pd.DataFrame:
 
 
 def test_batch_frames_have_the_consumer_dtypes(race: pd.DataFrame) -> None:
-    # What `consumer._frame` gets: pandas' own inference over the decoded values.
+    # The consumer's frame of decoded messages (compose.frame) has the dtypes
+    # pandas itself infers from the decoded values, None values included.
     rows = race.iloc[::997]
     columns = {
         name: rows[name].astype(object).where(rows[name].notna(), None).tolist()
         for name in SAMPLE_FIELDS
     }
-    inferred = pd.DataFrame(columns).astype(NULLABLE_INTS)
     assert rows[["lap_number", "compound"]].isna().any().all(), "no None values to check"
-    pd.testing.assert_frame_equal(consumer_frame(columns)[list(SAMPLE_FIELDS)], inferred)
+    structs = [TelemetrySample(*values) for values in zip(*columns.values(), strict=True)]
+    inferred = pd.DataFrame(columns).astype(NULLABLE_INTS)
+    built = compose.frame(structs, [(0, i, None) for i in range(len(structs))])
+    pd.testing.assert_frame_equal(built[list(SAMPLE_FIELDS)], inferred)
 
 
 def test_windows_across_uneven_batches_match_a_recomputation(three_cars: pd.DataFrame) -> None:

@@ -1,21 +1,22 @@
-"""Views the Superset dashboards read (through the read-only role).
+-- Views the Superset dashboards read (through the read-only role).
+--
+-- A repeatable file: migrations.py re-applies it whenever its checksum changes (and
+-- after any numbered migration), so edit it in place. The role `telemetry` owns the
+-- views and the default privileges give `telemetry_reader` SELECT on them.
+-- CREATE OR REPLACE VIEW only appends columns: to rename, drop or reorder one, drop
+-- the view (and the views built on it) first, in a numbered migration.
+--
+-- Dashboards show *each session's latest replay*: the most recently started run in
+-- stream_runs of each session_key that has stored samples. Tests, benchmarks and
+-- demos replay the same race many times, so counting every run of a session would
+-- double the anomalies, draw two replays of a car as one line and average predictions
+-- of different model versions. Everything below starts from dash_latest_runs.
+--
+-- Every view has session_key (and driver where its rows are per car): the columns
+-- the dashboards' native filters target. Each reaches a run's rows through primary keys
+-- that start with run_id, so its cost follows the latest replay's size, never the
+-- number of replays (timings in superset/README.md).
 
-Dashboards show **each session's latest replay**: the most recently started run in
-`stream_runs` of each `session_key` that has stored samples. Tests, benchmarks and
-demos replay the same race many times, so counting every run of a session would
-double the anomalies, draw two replays of a car as one line and average predictions
-of different model versions. Everything below starts from `dash_latest_runs`.
-
-Every view has `session_key` (and `driver` where its rows are per car): the columns
-the dashboards' native filters target. Each reaches a run's rows through primary keys
-that start with `run_id`, so its cost follows the latest replay's size, never the
-number of replays (timings in superset/README.md). `ensure_schema()` applies this
-after the tables; the role `telemetry` owns the views and the default privileges give
-`telemetry_reader` SELECT on them. `CREATE OR REPLACE VIEW` only appends columns: to
-rename, drop or reorder one, drop the view first.
-"""
-
-VIEWS_SQL = """
 CREATE OR REPLACE VIEW dash_latest_runs AS
 SELECT DISTINCT ON (r.session_key)
        r.run_id, r.session_key, r.started_at, r.finished_at, r.speed, r.samples_delivered
@@ -160,4 +161,3 @@ SELECT b.replayed AS session_key, b.run_id, b.id, b.recorded_at, b.group_id, b.c
 FROM batches AS b
 WHERE b.session_key = b.replayed
    OR (b.session_key IS NULL AND (b.replayed, b.group_id) IN (TABLE groups));
-"""
