@@ -113,6 +113,10 @@ def claim_partitions(
     return claims
 
 
+# Array columns, written as PostgreSQL array literals in CSV.
+ARRAY_COLUMNS = frozenset({"anomalies"})
+
+
 def _copy(conn: psycopg.Connection, table: str, columns: Sequence[str], rows: Any) -> None:
     """COPY `rows` into `table`: a DataFrame as CSV written by Arrow in one call
     (no Python per row, where the time went: psycopg's write_row was most of a
@@ -132,11 +136,11 @@ def _copy(conn: psycopg.Connection, table: str, columns: Sequence[str], rows: An
 def csv_bytes(frame: pd.DataFrame) -> bytes:
     """The frame as PostgreSQL's CSV: Arrow writes a null unquoted and empty (NULL
     to COPY) and every string quoted (so "" is an empty string, never NULL);
-    lists become array literals."""
+    the lists of ARRAY_COLUMNS become array literals."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
-    lists = [c for c in frame.columns if frame[c].dtype == object and _holds_lists(frame[c])]
+    lists = ARRAY_COLUMNS.intersection(frame.columns)
     if lists:
         frame = frame.assign(**{c: frame[c].map(_array_literal) for c in lists})
     table = pa.Table.from_pandas(frame, preserve_index=False)
@@ -144,11 +148,6 @@ def csv_bytes(frame: pd.DataFrame) -> bytes:
     pa_csv.write_csv(table, sink, pa_csv.WriteOptions(include_header=False))
     data: bytes = sink.getvalue().to_pybytes()
     return data
-
-
-def _holds_lists(column: pd.Series) -> bool:
-    first = column.first_valid_index()
-    return first is not None and isinstance(column[first], list | tuple)
 
 
 def _array_literal(values: Any) -> str | None:
