@@ -218,8 +218,8 @@ def test_an_edited_views_file_is_reapplied(scratch: psycopg.Connection, sql_dir:
 
 def test_a_database_the_old_code_made_is_taken_over(scratch: psycopg.Connection) -> None:
     # What ensure_schema left before migrations: the same SQL, its digest table, data.
+    # (Its views are left out: views.sql now reads tables of later migrations.)
     scratch.execute(NUMBERED[0].statements)
-    scratch.execute(VIEWS_MIGRATION.statements)
     scratch.execute("CREATE TABLE schema_applied (digest text NOT NULL, applied_at timestamptz)")
     scratch.execute("INSERT INTO schema_applied (digest) VALUES ('old')")
     scratch.execute(

@@ -161,3 +161,29 @@ SELECT b.replayed AS session_key, b.run_id, b.id, b.recorded_at, b.group_id, b.c
 FROM batches AS b
 WHERE b.session_key = b.replayed
    OR (b.session_key IS NULL AND (b.replayed, b.group_id) IN (TABLE groups));
+
+-- The points of the latest *complete* scaling experiment (pipeline.bench.scaling:
+-- `f1 bench scaling`, DAG f1_scaling), for the Pipeline health dashboard. Complete:
+-- at least 3 consumer counts for both weak and strong scaling, so a smoke run with
+-- fewer points never replaces the real one. Latest: by when its points were stored.
+-- The one view without session_key: an experiment replays its own streams on scratch
+-- topics, no session's latest replay, so the dashboard's Session and Consumer filters
+-- leave its charts out (their scope's `excluded`). busiest_partition_pct is the share
+-- as a percent; series (`weak (host, N cores)`) names a chart's line.
+CREATE OR REPLACE VIEW dash_scaling_latest AS
+WITH latest AS (
+    SELECT experiment_id
+    FROM bench_scaling
+    GROUP BY experiment_id
+    HAVING count(DISTINCT consumers) FILTER (WHERE experiment = 'weak') >= 3
+       AND count(DISTINCT consumers) FILTER (WHERE experiment = 'strong') >= 3
+    ORDER BY max(measured_at) DESC, experiment_id DESC
+    LIMIT 1
+)
+SELECT b.experiment_id, b.measured_at, b.host, b.cores, b.experiment, b.streams,
+       b.consumers, b.offered_msgs_per_s, b.throughput_msgs_per_s, b.latency_p50_ms,
+       b.latency_p99_ms, b.max_lag, b.cpu_per_consumer_pct, b.busiest_partition_share,
+       100 * b.busiest_partition_share AS busiest_partition_pct, b.partitions,
+       format('%s (%s, %s cores)', b.experiment, b.host, b.cores) AS series
+FROM latest AS l
+JOIN bench_scaling AS b ON b.experiment_id = l.experiment_id;
