@@ -111,9 +111,11 @@ def delete_groups(settings: Settings, groups: Iterable[str]) -> None:
     """Remove the tools' consumer groups from the broker (their offsets are Kafka's)."""
     from pipeline.kafka.topics import admin_client
 
-    futures = admin_client(settings).delete_consumer_groups(list(groups), request_timeout=15)
+    # Held until the futures resolve: a client collected at once never sends the request.
+    admin = admin_client(settings)
+    futures = admin.delete_consumer_groups(list(groups), request_timeout=15)
     for future in futures.values():
         try:
-            future.result()
-        except Exception:  # already gone, or never created: nothing to remove
+            future.result(timeout=30)
+        except Exception:  # already gone, never created, or still held: nothing to wait for
             continue

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline.bench import stream_bench
 from pipeline.bench.stream_bench import percentiles
 from pipeline.kafka.consumer import ConsumeReport, StreamConsumer
 from pipeline.kafka.producer import ProduceReport, produce_session
-from pipeline.kafka.topics import scratch_topics
 from pipeline.live import browser
 from pipeline.settings import Settings
 from pipeline.sinks import telemetry_db
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 
 MID_RACE_S = 5400.0  # session clock: about lap 22 in 2023, all cars on track
 WARM_UP_S = 3.0  # consumers join the group and the page connects before the replay
+# Consumers load the models before they join: under load that can take long, and
+# a replay started meanwhile would time their start-up backlog, not the stream.
+JOIN_LIMIT_S = 120.0
 
 
 @dataclass
@@ -71,7 +74,7 @@ def run(
     """Replay `seconds` (wall time at `speed`) and watch the page: for `seconds`,
     or with `min_updates` until the replay is over and the page has received at
     least that many of its updates and drawn the last one (at most `timeout_s`)."""
-    with scratch_topics(settings, "live") as scratch:
+    with stream_bench.scratch(settings, "live") as scratch:
         run_id = f"live-{uuid.uuid4().hex[:6]}"
         reports: list[ConsumeReport] = []
         threads = [
@@ -99,6 +102,11 @@ def run(
         )
         for thread in threads:
             thread.start()
+        deadline = time.monotonic() + JOIN_LIMIT_S
+        while stream_bench.claimed(scratch) < scratch.telemetry_partitions:
+            if time.monotonic() > deadline or not any(t.is_alive() for t in threads):
+                break  # the replay still runs; the consumers' reports tell what went wrong
+            time.sleep(0.5)
         time.sleep(WARM_UP_S)
         producer.start()
         mine: dict[str, Any] = {}

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.stream_bench import percentiles
+from pipeline.bench.stream_bench import claimed, percentiles
 from pipeline.kafka.producer import ProduceReport, produce_session
 from pipeline.kafka.topics import scratch_topics
 from pipeline.settings import PROJECT_ROOT, Settings
@@ -108,7 +108,7 @@ def run_point(
             lag = _LagWatch(scratch)
             try:
                 _wait_for(
-                    lambda: _claimed(scratch) >= scratch.telemetry_partitions,
+                    lambda: claimed(scratch) >= scratch.telemetry_partitions,
                     120,
                     "the consumers to hold every partition",
                 )
@@ -242,15 +242,6 @@ class _LagWatch(threading.Thread):
         self._stop_event.set()
         if self.is_alive():
             self.join(10)
-
-
-def _claimed(settings: Settings) -> int:
-    with telemetry_db.connect(settings, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM consumer_offsets WHERE group_id = %s AND topic = %s",
-            (settings.consumer_group, settings.telemetry_topic),
-        ).fetchone()
-    return int(row[0]) if row else 0
 
 
 def _runs_complete(settings: Settings, runs: list[str]) -> bool:

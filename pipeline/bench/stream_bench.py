@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,29 @@ from pipeline.kafka.consumer import StreamConsumer
 from pipeline.kafka.producer import produce_session
 from pipeline.kafka.topics import scratch_topics
 from pipeline.settings import Settings
+
+# Every topic `scratch` made in this process (the suite reports the ones it made).
+made: list[str] = []
+
+
+@contextmanager
+def scratch(settings: Settings, prefix: str, **updates: object) -> Iterator[Settings]:
+    """`scratch_topics`, its topics' names kept in `made` (the suite reports them)."""
+    with scratch_topics(settings, prefix, **updates) as topics:
+        made.extend([topics.telemetry_topic, topics.dead_letter_topic])
+        yield topics
+
+
+def claimed(settings: Settings) -> int:
+    """Partitions of the topic the group's consumers have claimed (they are up)."""
+    from pipeline.sinks import telemetry_db
+
+    with telemetry_db.connect(settings, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM consumer_offsets WHERE group_id = %s AND topic = %s",
+            (settings.consumer_group, settings.telemetry_topic),
+        ).fetchone()
+    return int(row[0]) if row else 0
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -37,7 +62,7 @@ def throughput(settings: Settings, export_folder: Path) -> dict[str, Any]:
     """The race twice through one consumer: without the models (the stream's own
     work), then with the three champions served."""
     figures: dict[str, Any] = {}
-    with scratch_topics(settings, "bench") as bench:
+    with scratch(settings, "bench") as bench:
         for serve in (False, True):
             run = f"bench-{uuid.uuid4().hex[:6]}"
             produced = produce_session(export_folder, speed=None, run_id=run, settings=bench)
@@ -64,7 +89,7 @@ def throughput(settings: Settings, export_folder: Path) -> dict[str, Any]:
 def latency_1x(settings: Settings, export_folder: Path, seconds: float) -> dict[str, Any]:
     """Replay `seconds` of session time at 1x into one consumer (in a thread:
     at ~80 messages/s the two barely share the interpreter)."""
-    with scratch_topics(settings, "bench") as bench:
+    with scratch(settings, "bench") as bench:
         run = f"bench-{uuid.uuid4().hex[:6]}"
         consumer = StreamConsumer("bench-latency", settings=bench, keep_latencies=True)
         result: dict[str, Any] = {}

@@ -45,10 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.bench import kafka_perf, live_bench, model_bench, scaling
+from pipeline.bench import kafka_perf, live_bench, model_bench, scaling, stream_bench
 from pipeline.bench.stream_bench import percentiles
 from pipeline.kafka.producer import ProduceReport, produce_session
-from pipeline.kafka.topics import admin_client, describe, scratch_topics
+from pipeline.kafka.topics import admin_client, describe
 from pipeline.settings import PROJECT_ROOT, Settings
 from pipeline.sinks import telemetry_db
 from pipeline.stack import kafka_server
@@ -123,6 +123,7 @@ class Row:
     reference: float | None = None  # None: Kafka has no tool for it
     reference_what: str = ""
     target: Target | None = None
+    signed: bool = False  # ours may be zero or negative (a growth)
 
     @property
     def ratio(self) -> float | None:
@@ -156,6 +157,7 @@ class Report:
     quick: bool
     export: str
     seconds: float = 0.0
+    scratch_topics: list[str] = field(default_factory=list)  # made and removed by the run
 
 
 # --- the run ----------------------------------------------------------------------------
@@ -189,7 +191,7 @@ class _Context:
     def load(self) -> _Loaded:
         """The race produced unpaced to a scratch topic, once, kept to the run's end."""
         if self.loaded is None:
-            scratch = self.stack.enter_context(scratch_topics(self.settings, "bench-stream"))
+            scratch = self.stack.enter_context(stream_bench.scratch(self.settings, "bench-stream"))
             run_id = f"bench-{uuid.uuid4().hex[:8]}"
             produced = produce_session(
                 self.folder, speed=None, run_id=run_id, settings=scratch, **self.race_slice
@@ -223,6 +225,7 @@ def run(
     real_partitions, _ = describe(admin_client(settings), settings.telemetry_topic)
     settings = settings.model_copy(update={"telemetry_partitions": real_partitions})
     started = time.monotonic()
+    made_before = len(stream_bench.made)
     report = Report(machine(settings), [], quick, folder.name)
     with contextlib.ExitStack() as stack:
         ctx = _Context(settings, folder, QUICK if quick else FULL, stack)
@@ -239,6 +242,7 @@ def run(
             on_section(section)
     report.machine["load average at the end (1, 5, 15 min)"] = _load_average()
     report.seconds = time.monotonic() - started
+    report.scratch_topics = stream_bench.made[made_before:]
     return report
 
 
@@ -248,7 +252,7 @@ def producer(ctx: _Context) -> Section:
 
     sizes = ctx.message_sizes()
     record_size = round(sizes["value"])
-    with scratch_topics(ctx.settings, "bench-producer") as scratch:
+    with stream_bench.scratch(ctx.settings, "bench-producer") as scratch:
         ours = produce_session(
             ctx.folder, speed=None, run_id=f"bench-{uuid.uuid4().hex[:8]}", settings=scratch,
             **ctx.race_slice,
@@ -432,6 +436,11 @@ def cpu(ctx: _Context) -> Section:
             "CPU per message (ms)": 1000 * report["cpu_seconds"] / messages if messages else 0.0,
             "CPU, % of one core": pct,
             "batches": report["batches"],
+            # At 1x a batch is one burst of the cars: what each batch costs whatever its size.
+            "messages per batch": messages / report["batches"] if report["batches"] else 0.0,
+            "CPU per batch (ms)": (
+                1000 * report["cpu_seconds"] / report["batches"] if report["batches"] else 0.0
+            ),
         },
         method=(
             f"{ctx.loads.paced_1x_s:g} s of the race from its start (all cars on track) "
@@ -450,7 +459,7 @@ def speed(ctx: _Context) -> Section:
     best: scaling.PointResult | None = None
     for x in ctx.loads.speeds:
         try:
-            point = scaling.run_point(
+            point = _run_point(
                 ctx.settings, ctx.folder, scaling.Point("bench", 1, 1), speed=x,
                 seconds=ctx.loads.speed_seconds,
             )  # fmt: skip
@@ -724,7 +733,7 @@ def memory(ctx: _Context) -> Section:
         if loads.memory_slice_s
         else {}
     )
-    with scratch_topics(ctx.settings, "bench-memory") as scratch:
+    with stream_bench.scratch(ctx.settings, "bench-memory") as scratch:
         runs = [f"bench-mem-{uuid.uuid4().hex[:6]}-{i}" for i in range(len(races))]
         with _ConsumerProcess(
             scratch, "bench-memory", "--until-run", runs[-1], "--idle-timeout", "120"
@@ -742,7 +751,8 @@ def memory(ctx: _Context) -> Section:
     if watch.first_batch is None or not watch.samples:
         raise RuntimeError("the consumer process committed no batch")
     start = watch.first_batch
-    end = watch.samples[-1][1]
+    # End: when the last run was committed (it then exits), else the last sample.
+    end = watch.run_ends.get(runs[-1], watch.samples[-1][1])
     peak = max(rss for _, rss in watch.samples)
     messages = sum(p.delivered for p in produced)
     figures = {
@@ -752,25 +762,30 @@ def memory(ctx: _Context) -> Section:
         "RSS at launch, first sample (MB)": watch.samples[0][1],
         "RSS start: after the first batch (MB)": start,
         "RSS peak (MB)": peak,
-        "RSS end (MB)": end,
+        "RSS end: the last race committed (MB)": end,
         "growth, end - start (MB)": end - start,
     }
     signed = {"growth, end - start (MB)"}
+    rows = [
+        Row(
+            f"Consumer memory growth over {len(runs)} race(s), RSS end - start",
+            end - start,
+            "MB",
+            target=Target("<", 50, "ours"),
+            signed=True,
+        )
+    ]
     if len(runs) > 1 and runs[0] in watch.run_ends:
+        # The steady state: what grows after the first race is what a long run keeps adding.
+        after_first = end - watch.run_ends[runs[0]]
         figures["RSS when the first race was committed (MB)"] = watch.run_ends[runs[0]]
-        figures["growth after the first race (MB)"] = end - watch.run_ends[runs[0]]
+        figures["growth after the first race (MB)"] = after_first
         signed.add("growth after the first race (MB)")
+        rows.append(Row("... of it after the first race", after_first, "MB", signed=True))
     return Section(
         "memory",
         TITLES["memory"],
-        rows=[
-            Row(
-                f"Consumer memory growth over {len(runs)} race(s)",
-                end - start,
-                "MB",
-                target=Target("<", 50, "ours"),
-            )
-        ],
+        rows=rows,
         figures=figures,
         signed=signed,
         notes=notes,
@@ -779,7 +794,8 @@ def memory(ctx: _Context) -> Section:
             "(`f1 consume --until-run LAST --idle-timeout 120`, models served, no latencies "
             "kept) reads them; its RSS sampled every second with psutil. Start is the RSS "
             "after its first committed batch (imports, models and the first batch's "
-            "buffers in place), end the last sample before it exits; growth = end - start."
+            "buffers in place), end the RSS when the last race was committed (it exits "
+            "then); growth = end - start."
         ),
     )
 
@@ -802,6 +818,13 @@ TITLES = {
 
 
 # --- helpers ----------------------------------------------------------------------------
+def _run_point(
+    settings: Settings, folder: Path, point: scaling.Point, *, speed: float, seconds: float
+) -> scaling.PointResult:
+    """`scaling.run_point` (its scratch topics are removed by `scratch_topics`)."""
+    return scaling.run_point(settings, folder, point, speed=speed, seconds=seconds)
+
+
 def _race_text(ctx: _Context) -> str:
     if ctx.loads.race_slice_s is None:
         return f"the whole race {ctx.folder.name}"
@@ -908,7 +931,9 @@ def _served(member: StreamConsumer) -> dict[str, Any]:
                 "missing": [label for label in scorer.labels if label not in scorer.served],
                 # The scorer's once-only warnings: "label:version" is a refused version.
                 "refused": sorted(
-                    k for k in scorer._warned if k.count(":") == 1 and k.split(":")[1].isdigit()
+                    k.replace(":", " v")
+                    for k in scorer._warned
+                    if k.count(":") == 1 and k.split(":")[1].isdigit()
                 ),
             }
     return {"missing": ["every model (serving is off)"]}
@@ -946,7 +971,7 @@ def _paced_1x(ctx: _Context) -> tuple[ProduceReport, dict[str, Any]]:
 def _paced(ctx: _Context, *, speed: float, seconds: float) -> tuple[ProduceReport, dict[str, Any]]:
     """`seconds` of wall time of the race from its start at `speed`, into one consumer
     process (CPU is its own: the producer runs here); the produce report and its."""
-    with scratch_topics(ctx.settings, "bench-paced") as scratch:
+    with stream_bench.scratch(ctx.settings, "bench-paced") as scratch:
         run_id = f"bench-{uuid.uuid4().hex[:8]}"
         with tempfile.TemporaryDirectory(prefix="f1-bench-") as folder:
             path = Path(folder) / "report.json"
@@ -969,7 +994,7 @@ def _end_to_end(ctx: _Context, record_size: int) -> dict[str, float]:
     """Kafka's EndToEndLatency on a scratch topic of our partitions and record size."""
     import re
 
-    with scratch_topics(ctx.settings, "bench-e2e") as scratch:
+    with stream_bench.scratch(ctx.settings, "bench-e2e") as scratch:
         done = subprocess.run(
             [
                 "java", "-cp", kafka_server.classpath(scratch),
@@ -1026,15 +1051,6 @@ def _python_rows(frame: pd.DataFrame) -> list[tuple[Any, ...]]:
     return list(objects.itertuples(index=False, name=None))
 
 
-def _claimed(settings: Settings) -> int:
-    with telemetry_db.connect(settings, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM consumer_offsets WHERE group_id = %s AND topic = %s",
-            (settings.consumer_group, settings.telemetry_topic),
-        ).fetchone()
-    return int(row[0]) if row else 0
-
-
 class _ConsumerProcess:
     """One `f1 consume` process with the scratch settings, started and holding every
     partition on entry; stopped (if still running) on exit. Its log goes to a file."""
@@ -1059,7 +1075,7 @@ class _ConsumerProcess:
                 self.command, env=env, stdout=log, stderr=subprocess.STDOUT
             )
         deadline = time.monotonic() + CLAIM_LIMIT_S
-        while _claimed(self.settings) < self.settings.telemetry_partitions:
+        while stream_bench.claimed(self.settings) < self.settings.telemetry_partitions:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the consumer process ended: {self.log_tail()}")
             if time.monotonic() > deadline:
@@ -1116,6 +1132,8 @@ class _RssWatch(threading.Thread):
                 try:
                     rss = process.memory_info().rss / 1e6
                 except psutil.NoSuchProcess:
+                    return
+                if not rss:  # exited, not yet reaped: no memory to speak of
                     return
                 self.samples.append((time.monotonic(), rss))
                 if self.first_batch is None:
@@ -1273,6 +1291,8 @@ def render(report: Report) -> str:
         out += [f"| {label} | {_num(value)} |" for label, value in section.figures.items()]
         out.append("")
         out += [f"- {note}" for note in section.notes]
+        if section.notes:
+            out.append("")  # else the line below would join the last item of the list
         out += [f"_{section.seconds:.0f} s._", ""]
     return "\n".join(out).rstrip() + "\n"
 

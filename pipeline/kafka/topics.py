@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -79,12 +79,24 @@ def scratch_topics(settings: Settings, prefix: str, **updates: object) -> Iterat
     try:
         yield scratch
     finally:
-        admin_client(scratch).delete_topics([name, f"{name}-dlq"])
+        delete_topics(scratch, [name, f"{name}-dlq"])
         telemetry_db.ensure_schema(scratch)
         with telemetry_db.connect(scratch, autocommit=True) as conn:
             telemetry_db.delete_stream_data(
                 conn, topic=name, dead_letter_topic=f"{name}-dlq", group_id=name
             )
+
+
+def delete_topics(settings: Settings, names: Sequence[str]) -> None:
+    """Delete topics and wait for the broker to have done it (an unknown topic is
+    fine). The admin client must live until then: one dropped at once never sent
+    the request, and scratch topics piled up on the broker."""
+    admin = admin_client(settings)
+    for future in admin.delete_topics(list(names), operation_timeout=15).values():
+        try:
+            future.result(timeout=30)
+        except Exception:  # already deleted
+            continue
 
 
 def admin_client(settings: Settings) -> AdminClient:

@@ -69,3 +69,12 @@ def test_damaged_data_folder_is_reported_and_kept(stack: Settings) -> None:
             aside.rename(meta)
         private.up("kafka")
         assert private.kafka.healthy()
+
+
+def test_scratch_topics_are_gone_from_the_broker_afterwards(stack: Settings) -> None:
+    from pipeline.kafka.topics import admin_client, scratch_topics
+
+    with scratch_topics(stack, "test") as scratch:
+        names = {scratch.telemetry_topic, scratch.dead_letter_topic}
+        assert names <= set(admin_client(stack).list_topics(timeout=10).topics)
+    assert not names & set(admin_client(stack).list_topics(timeout=10).topics)
