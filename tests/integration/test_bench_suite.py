@@ -10,7 +10,11 @@ from pathlib import Path
 
 from pipeline.bench import suite
 from pipeline.kafka.topics import admin_client
+from pipeline.ml.labels import LABELS
+from pipeline.ml.registry import scratch_models
+from pipeline.ml.train import prepare, train_one
 from pipeline.settings import Settings
+from tests.integration.test_ml import QUICK
 
 
 def _topics(settings: Settings) -> set[str]:
@@ -20,6 +24,15 @@ def _topics(settings: Settings) -> set[str]:
 def test_the_quick_suite_measures_every_section_and_cleans_up(
     stack: Settings, race_export: Path, tmp_path: Path
 ) -> None:
+    # Models of its own (a fresh stack has none to serve or time), deleted afterwards.
+    with scratch_models(stack, "bench", laps_dir=tmp_path / "laps") as models:
+        split, laps = prepare(QUICK, models)
+        for label in LABELS:
+            train_one(label, laps, split, QUICK, models)
+        _check_the_quick_suite(models, race_export, tmp_path)
+
+
+def _check_the_quick_suite(stack: Settings, race_export: Path, tmp_path: Path) -> None:
     before = _topics(stack)
     report = suite.run(stack, export_folder=race_export, quick=True)
     path = suite.write(report, tmp_path / "benchmarks.md")
