@@ -221,9 +221,9 @@ def run(
     if unknown:
         raise ValueError(f"unknown sections {unknown}; the sections are {', '.join(SECTIONS)}")
     folder = export_folder or settings.export_dir / settings.demo_session
-    # Scratch topics get the real topic's partition count (it may differ from the setting).
-    real_partitions, _ = describe(admin_client(settings), settings.telemetry_topic)
-    settings = settings.model_copy(update={"telemetry_partitions": real_partitions})
+    # Scratch topics get the real topic's partition count (it may differ from the
+    # setting), or the setting's where the real topic is not made yet (`f1 topics`).
+    settings = settings.model_copy(update={"telemetry_partitions": _real_partitions(settings)})
     started = time.monotonic()
     made_before = len(stream_bench.made)
     report = Report(machine(settings), [], quick, folder.name)
@@ -818,6 +818,16 @@ TITLES = {
 
 
 # --- helpers ----------------------------------------------------------------------------
+def _real_partitions(settings: Settings) -> int:
+    from confluent_kafka import KafkaException
+
+    try:
+        partitions, _ = describe(admin_client(settings), settings.telemetry_topic)
+    except KafkaException:  # no such topic yet
+        return settings.telemetry_partitions
+    return partitions
+
+
 def _run_point(
     settings: Settings, folder: Path, point: scaling.Point, *, speed: float, seconds: float
 ) -> scaling.PointResult:
