@@ -131,13 +131,13 @@ def dashboards_check(
         str | None, typer.Option(help="Session to ask for (default DEMO_SESSION).")
     ] = None,
 ) -> None:
-    """Ask every chart of the bundle for its data for one session (the chart data
-    API); exit 1 if one fails or answers no rows."""
+    """Ask every chart of the bundle that shows a session for its data for one
+    session (the chart data API); exit 1 if one fails or answers no rows."""
     from pipeline.dashboards.bundle import (
         SupersetError,
         api_client,
-        bundle_chart_uuids,
         chart_data,
+        session_chart_uuids,
     )
 
     settings = get_settings()
@@ -145,7 +145,7 @@ def dashboards_check(
     empty = 0
     try:
         with api_client(settings) as client:
-            for chart_uuid in bundle_chart_uuids():
+            for chart_uuid in session_chart_uuids():
                 result = chart_data(client, settings, chart_uuid, session)
                 empty += result["rowcount"] == 0
                 typer.echo(f"  {result['rowcount']:>6} rows  {result['slice_name']}")

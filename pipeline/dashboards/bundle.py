@@ -361,3 +361,22 @@ def bundle_chart_uuids(folder: Path = BUNDLE_DIR) -> list[str]:
         str(yaml.safe_load(path.read_text())["uuid"])
         for path in sorted(folder.glob("charts/*.yaml"))
     ]
+
+
+# Views that are no session's replay, so have no session_key: the latest scaling
+# experiment. Their charts are left out of every native filter's scope.
+NO_SESSION_VIEWS = frozenset({"dash_scaling_latest"})
+
+
+def session_chart_uuids(folder: Path = BUNDLE_DIR) -> list[str]:
+    """The charts that show one session (every chart but those on NO_SESSION_VIEWS)."""
+    tables = {
+        config["uuid"]: config["table_name"]
+        for config in map(yaml.safe_load, map(Path.read_text, folder.glob("datasets/**/*.yaml")))
+    }
+    charts = [yaml.safe_load(path.read_text()) for path in sorted(folder.glob("charts/*.yaml"))]
+    return [
+        str(chart["uuid"])
+        for chart in charts
+        if tables.get(chart["dataset_uuid"]) not in NO_SESSION_VIEWS
+    ]

@@ -34,9 +34,7 @@ from tests.integration.streams import register_toy_champion
 
 CHART_FILES = sorted(p.name for p in (bundle.BUNDLE_DIR / "charts").glob("*.yaml"))
 DATASET_FILES = sorted((bundle.BUNDLE_DIR / "datasets").rglob("*.yaml"))
-# Views that are no session's replay, so have no session_key: the latest scaling
-# experiment. Their charts are left out of every native filter's scope.
-NO_SESSION_VIEWS = {"dash_scaling_latest"}
+NO_SESSION_VIEWS = bundle.NO_SESSION_VIEWS
 
 
 def _yaml(path: Path) -> dict[str, Any]:
@@ -51,6 +49,13 @@ def _no_session(chart_file: str) -> bool:
 
 SESSION_CHARTS = [f for f in CHART_FILES if not _no_session(f)]
 NO_SESSION_CHARTS = [f for f in CHART_FILES if _no_session(f)]
+
+
+def test_session_charts_are_what_the_dashboards_check_asks() -> None:
+    # `f1 dashboards check` and the UDP test ask these for a session's rows.
+    uuids = [_yaml(bundle.BUNDLE_DIR / "charts" / f)["uuid"] for f in SESSION_CHARTS]
+    assert sorted(uuids) == sorted(bundle.session_chart_uuids())
+    assert len(uuids) == len(CHART_FILES) - len(NO_SESSION_CHARTS) > 0
 
 
 @pytest.fixture(scope="module")

@@ -184,12 +184,12 @@ def test_a_synthetic_f1_25_race_has_windows_anomalies_and_predictions(
         ).fetchone()
     assert ("impossible_rpm",) in reasons
     assert scored is not None and scored[0] == len(stored) and scored[1] > 0
-    # The dashboards read the tables: every chart has rows for the game session.
+    # The dashboards read the tables: every chart of a session has rows for the game's.
     bundle.import_bundle(settings)  # idempotent: the test does not rely on an earlier import
     with bundle.api_client(settings) as client:
         rows = {
             chart: bundle.chart_data(client, settings, chart, run["session_key"])
-            for chart in bundle.bundle_chart_uuids()
+            for chart in bundle.session_chart_uuids()
         }
     empty = [r["slice_name"] for r in rows.values() if r["rowcount"] == 0]
     assert not empty, f"charts with no rows for {run['session_key']}: {empty}"
