@@ -459,7 +459,7 @@ def speed(ctx: _Context) -> Section:
     best: scaling.PointResult | None = None
     for x in ctx.loads.speeds:
         try:
-            point = _run_point(
+            point = scaling.run_point(
                 ctx.settings, ctx.folder, scaling.Point("bench", 1, 1), speed=x,
                 seconds=ctx.loads.speed_seconds,
             )  # fmt: skip
@@ -826,13 +826,6 @@ def _real_partitions(settings: Settings) -> int:
     except KafkaException:  # no such topic yet
         return settings.telemetry_partitions
     return partitions
-
-
-def _run_point(
-    settings: Settings, folder: Path, point: scaling.Point, *, speed: float, seconds: float
-) -> scaling.PointResult:
-    """`scaling.run_point` (its scratch topics are removed by `scratch_topics`)."""
-    return scaling.run_point(settings, folder, point, speed=speed, seconds=seconds)
 
 
 def _race_text(ctx: _Context) -> str:

@@ -82,18 +82,13 @@ def rule_flags(frame: pd.DataFrame) -> dict[str, np.ndarray]:
     }
 
 
-def robust_outliers(history: np.ndarray, rates: np.ndarray, floor: float) -> np.ndarray:
-    """Robust z-score test of each new rate against the BASELINE_SAMPLES rates
-    before it (`history` holds the car's latest rates from earlier batches).
-    Samples with too little history are not judged."""
-    return robust_outliers_many([(history, rates)], floor)[0]
-
-
 def robust_outliers_many(
     cars: list[tuple[np.ndarray, np.ndarray]], floor: float
 ) -> list[np.ndarray]:
-    """`robust_outliers` for many cars' (history, rates) at once: every car's
-    baselines stacked into one array, so the medians are two numpy calls per
+    """Robust z-score test of each car's new rates against the BASELINE_SAMPLES
+    rates before each (`history` holds the car's latest rates from earlier
+    batches); rates with too little history are not judged. Every car's
+    baselines are stacked into one array, so the medians are two numpy calls per
     batch rather than two per car (at 1x a batch holds one sample of each car)."""
     import numpy as np
     from numpy.lib.stride_tricks import sliding_window_view
