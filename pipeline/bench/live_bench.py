@@ -149,9 +149,9 @@ _COUNT_RUN_JS = """(run) => {
   source.addEventListener("batch", (e) => {
     const update = JSON.parse(e.data);
     if (update.runs.includes(run)) {
-      const received = nowMs();
+      const received = wallMs();
       f1run.updates += 1;
-      f1run.lastAt = received;
+      f1run.lastAt = nowMs(); // lastRender's clock (monotonic)
       const toBrowser = received - update.committed_us / 1000;
       if (update.latency_p50_ms !== null) {
         f1run.p50.push(update.latency_p50_ms + toBrowser);

@@ -11,7 +11,7 @@ Sections, in the order they run (each on topics and a consumer group of its own,
 removed afterwards with every row their runs stored):
 
 - producer: `produce_session` unpaced vs ProducerPerformance;
-- decode: confluent-kafka polls + `compose.decode` + `compose.frame` vs
+- decode: confluent-kafka polls + `compose.decode` + `compose.columns` vs
   ConsumerPerformance;
 - consumer: the whole consumer path (decode, anomalies, features, three models,
   windows, COPY, commit), with and without models, vs ConsumerPerformance;
@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from pipeline.kafka.consumer import StreamConsumer
+    from pipeline.processing.columns import Columns
 
 SECTIONS = (
     "producer", "decode", "consumer", "cpu", "speed", "latency", "models", "sink", "memory",
@@ -329,7 +330,7 @@ def decode(ctx: _Context) -> Section:
             f"the {loaded.on_topic:,} messages of {_race_text(ctx)} in batches of "
             f"{ctx.settings.stream_batch_size:,} (`consume(n, timeout)`), and runs the "
             "consumer's own decode path on each batch: `compose.decode` (type-check every "
-            "message, its headers, dead-letter classes) and `compose.frame` (the columns). "
+            "message, its headers, dead-letter classes) and `compose.columns` (the columns). "
             "No processing, no database. Timed from the first batch received to the last "
             "decoded; ConsumerPerformance ran on the same topic just before (its "
             "`fetch.nMsg.sec`: the group join left out, as ours leaves out the start)."
@@ -654,11 +655,11 @@ def sink(ctx: _Context) -> Section:
             with conn.transaction():  # as commit_batch writes it
                 telemetry_db._copy(
                     conn, "bench_copy", telemetry_db.SAMPLE_COLUMNS,
-                    telemetry_db.sample_frame(processed),
+                    telemetry_db.sample_rows(processed),
                 )  # fmt: skip
             copy_s.append(time.perf_counter() - began)
             began = time.perf_counter()
-            rows = _python_rows(telemetry_db.sample_frame(processed))
+            rows = _python_rows(telemetry_db.sample_rows(processed).to_pandas())
             converted = time.perf_counter()
             with conn.transaction():
                 conn.cursor().executemany(insert, rows)
@@ -695,9 +696,9 @@ def sink(ctx: _Context) -> Section:
         notes=notes,
         method=(
             f"{n:,} rows of the race from its start, through the consumer's decode and "
-            "processing (`compose.frame`, `batch.process`), written as `commit_batch` writes "
-            "them: `sample_frame` then `_copy` (CSV by Arrow, `csv_bytes`, one COPY) in a "
-            "transaction; against `sample_frame`, the rows as Python tuples and "
+            "processing (`compose.columns`, `batch.process`), written as `commit_batch` writes "
+            "them: `sample_rows` then `_copy` (CSV by Arrow, `csv_bytes`, one COPY) in a "
+            "transaction; against `sample_rows`, the rows as Python tuples and "
             "`executemany` of one INSERT per row (psycopg pipelines them) in a transaction. "
             "Both into TEMP tables created LIKE telemetry_samples with its keys and indexes, "
             "on the same connection, interleaved; the real tables are never written."
@@ -897,7 +898,7 @@ def _decode_loop(loaded: _Loaded) -> dict[str, float]:
                 messages, assigned=assigned, runs_seen=runs_seen,
                 max_message_bytes=settings.max_message_bytes,
             )  # fmt: skip
-            compose.frame(decoded.samples, decoded.meta)
+            compose.columns(decoded.samples, decoded.meta)
             runs_seen.update(decoded.new_runs)
             read += len(messages)
             batches += 1
@@ -1021,7 +1022,7 @@ def _end_to_end(ctx: _Context, record_size: int) -> dict[str, float]:
     }
 
 
-def _processed_rows(ctx: _Context, rows: int) -> pd.DataFrame:
+def _processed_rows(ctx: _Context, rows: int) -> Columns:
     """`rows` samples of the race from its start, decoded and processed as the
     consumer does (what it hands `commit_batch`)."""
     from pipeline import schema
@@ -1041,10 +1042,10 @@ def _processed_rows(ctx: _Context, rows: int) -> pd.DataFrame:
         for v in zip(*(columns[f] for f in schema.SAMPLE_FIELDS), strict=True)
     ]
     now_us = time.time_ns() // 1000
-    frame = compose.frame(structs, [(0, i, now_us) for i in range(len(structs))])
+    frame = compose.columns(structs, [(0, i, now_us) for i in range(len(structs))])
     window = StreamConsumer("bench-sink", settings=ctx.settings, scorers=[]).window
     result = batch_logic.process(frame, {0: batch_logic.PartitionState()}, window, now_us=now_us)
-    return result.samples
+    return result.columns
 
 
 def _python_rows(frame: pd.DataFrame) -> list[tuple[Any, ...]]:

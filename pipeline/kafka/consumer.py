@@ -368,7 +368,7 @@ class StreamConsumer:
                     conn,
                     group_id=self.group,
                     topic=self.topic,
-                    samples=result.samples,
+                    samples=result.columns,
                     events=result.anomalies,
                     windows=result.windows,
                     dead_letters=dead_rows,
@@ -388,7 +388,7 @@ class StreamConsumer:
         # Samples whose key was stored already are duplicates like any resend.
         clashed_samples = skipped.pop("telemetry_samples", 0)
         result.duplicates += clashed_samples
-        stored = len(result.samples) - clashed_samples
+        stored = len(result.columns) - clashed_samples
         clashes = clashed_samples + sum(skipped.values())
         if clashes:
             log.warning("%s: %d rows already stored were skipped (%s samples)",
@@ -422,7 +422,7 @@ class StreamConsumer:
         r.clashes += clashes
         update = live_feed.batch_update(
             consumer=self.member,
-            samples=result.samples,
+            samples=result.columns,
             predictions=scored.get("telemetry_predictions"),
             alerts=result.anomalies,
             latency_ms=(p50, p99),
@@ -433,9 +433,7 @@ class StreamConsumer:
             "group_id": self.group,
             "consumer": self.member,
             # The batch's main session, so dashboards can filter health by session.
-            "session_key": (
-                result.samples["session_key"].mode().iat[0] if len(result.samples) else None
-            ),
+            "session_key": _main_session(result.columns["session_key"]),
             "partitions": sorted(self.states),
             "messages": len(messages),
             "samples": stored,
@@ -579,3 +577,9 @@ def verify_run(
             "catching up (run `f1 consume --until-run` to drain) or a consumer failed."
         )
     return summary
+
+
+def _main_session(session_keys: Any) -> str | None:
+    """The session most samples of a batch belong to (None for no sample)."""
+    counts = Counter(session_keys.tolist())
+    return min(counts, key=lambda key: (-counts[key], key)) if counts else None

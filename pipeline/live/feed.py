@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
+
+    from pipeline.processing.columns import Columns
 
 MAX_PAYLOAD_BYTES = 7900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
 MAX_ALERTS = 12
@@ -35,8 +38,8 @@ ALERT_FIELDS = ("run", "session_key", "driver", "date_us", "reason", "value")
 def batch_update(
     *,
     consumer: str,
-    samples: pd.DataFrame,
-    predictions: pd.DataFrame | None,
+    samples: pd.DataFrame | Columns,
+    predictions: pd.DataFrame | Columns | None,
     alerts: pd.DataFrame,
     latency_ms: tuple[float | None, float | None],
     committed_us: int,
@@ -44,53 +47,58 @@ def batch_update(
     """The NOTIFY payload of one committed batch (None when it stored no sample).
 
     `predictions` is row for row with `samples` (the scorer's output) or None
-    when no model is served; `alerts` is the batch's anomaly event log."""
+    when no model is served; `alerts` is the batch's anomaly event log. Plain
+    numpy over the few columns it sends: it runs for every batch."""
     import numpy as np
     import pandas as pd
 
-    if samples.empty:
+    if not len(samples):
         return None
     # The latest sample of each car in this batch (positions, so predictions align).
-    cars, _ = pd.factorize(samples["run_id"] + ":" + samples["driver"])
-    order = np.lexsort((samples["date_us"].to_numpy(), cars))
+    run_ids = np.asarray(samples["run_id"], dtype=object)
+    drivers = np.asarray(samples["driver"], dtype=object)
+    keys = [f"{r}:{d}" for r, d in zip(run_ids, drivers, strict=True)]
+    cars, _ = pd.factorize(np.array(keys, dtype=object))
+    order = np.lexsort((np.asarray(samples["date_us"]), cars))
     by_car = cars[order]
     last = order[np.r_[by_car[1:] != by_car[:-1], True]]
-    latest = samples.iloc[last]
-    runs = sorted(samples["run_id"].unique().tolist())
+
+    def latest(name: str, dtype: Any = None) -> np.ndarray:
+        return np.asarray(samples[name], dtype=dtype)[last]
+
+    runs = sorted(set(run_ids.tolist()))
     run_index = {run: i for i, run in enumerate(runs)}
     rows = [
-        [run_index[r] for r in latest["run_id"]],
-        latest["session_key"].tolist(),
-        latest["driver"].tolist(),
-        latest["driver_number"].astype(int).tolist(),
-        latest["date_us"].astype(np.int64).tolist(),
-        _ints(latest["lap_number"]),
-        _ints(latest["position"]),
-        latest["speed"].round(1).tolist(),
-        latest["gear"].astype(int).tolist(),
-        latest["rpm"].round(0).tolist(),
-        latest["throttle"].round(1).tolist(),
-        latest["brake"].round(1).tolist(),
-        latest["drs_open"].astype(bool).tolist(),
-        [c if isinstance(c, str) else None for c in latest["compound"]],
-        _floats(latest["tyre_life"], 1),
-        [list(a) if a is not None and len(a) else [] for a in latest["anomalies"]],
+        [run_index[r] for r in latest("run_id").tolist()],
+        latest("session_key").tolist(),
+        latest("driver").tolist(),
+        latest("driver_number").astype(int).tolist(),
+        latest("date_us").astype(np.int64).tolist(),
+        _ints(latest("lap_number", float)),
+        _ints(latest("position", float)),
+        latest("speed", float).round(1).tolist(),
+        latest("gear").astype(int).tolist(),
+        latest("rpm", float).round(0).tolist(),
+        latest("throttle", float).round(1).tolist(),
+        latest("brake", float).round(1).tolist(),
+        latest("drs_open").astype(bool).tolist(),
+        [c if isinstance(c, str) else None for c in latest("compound", object).tolist()],
+        _floats(latest("tyre_life", float), 1),
+        [list(a) if a is not None and len(a) else [] for a in latest("anomalies", object)],
     ]
     fields = list(CAR_FIELDS)
     for name in PREDICTIONS:
         fields.append(name)
-        column = predictions[name] if predictions is not None else None
-        if column is None or column.isna().all():
-            rows.append([None] * len(latest))
-        else:
-            rows.append(_floats(column.iloc[last].astype(float), 4))
+        column = predictions.get(name) if predictions is not None else None
+        values = None if column is None else np.asarray(column, dtype=float)[last]
+        rows.append([None] * len(last) if values is None else _floats(values, 4))
     for name in MODEL_ALERTS:
         fields.append(name)
         column = predictions.get(name) if predictions is not None else None
         rows.append(
-            [None] * len(latest)
+            [None] * len(last)
             if column is None
-            else [None if pd.isna(v) else bool(v) for v in column.iloc[last].tolist()]
+            else [None if pd.isna(v) else bool(v) for v in np.asarray(column, dtype=object)[last]]
         )
     newest = alerts.sort_values("date_us").tail(MAX_ALERTS) if len(alerts) else alerts
     update: dict[str, Any] = {
@@ -135,9 +143,9 @@ def _plain(value: Any) -> float | None:
     return None if value is None or value != value else round(float(value), 3)
 
 
-def _ints(column: pd.Series) -> list[int | None]:
+def _ints(column: np.ndarray) -> list[int | None]:
     return [None if v != v else int(v) for v in column.astype(float)]
 
 
-def _floats(column: pd.Series, digits: int) -> list[float | None]:
+def _floats(column: np.ndarray, digits: int) -> list[float | None]:
     return [None if v != v else round(v, digits) for v in column.astype(float).tolist()]

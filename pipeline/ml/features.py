@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+    from pipeline.processing.columns import Columns
+
 COMPOUNDS = {"SOFT": 0, "MEDIUM": 1, "HARD": 2, "INTERMEDIATE": 3, "WET": 4}
 RED_FLAG = 5.0  # FastF1 track status: the race is stopped (not a racing lap)
 
@@ -54,26 +56,50 @@ UNREPRESENTATIVE_ROWS = 2
 History = dict[str, list[float]]  # a car's state: see `_lap_row`
 
 
-def row_fields(frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """ROW_FIELDS of every row of `frame` (messages' columns, or the lap table's) as floats."""
+def row_fields(frame: pd.DataFrame | Columns) -> dict[str, np.ndarray]:
+    """ROW_FIELDS of every row of `frame` (messages' columns, or the lap table's) as
+    floats. Plain Python over the text columns, not pandas string methods: those
+    cost more than the rest of a small stream batch."""
     import numpy as np
     import pandas as pd
 
     def numeric(column: str) -> np.ndarray:
-        values = pd.to_numeric(frame[column], errors="coerce")
-        return np.asarray(values.to_numpy(dtype=float, na_value=np.nan))
+        values = frame[column]
+        if isinstance(values, np.ndarray) and values.dtype.kind in "fiub":
+            return values.astype(float)  # the stream's columns are typed already
+        numbers = pd.to_numeric(pd.Series(values), errors="coerce")
+        return np.asarray(numbers.to_numpy(dtype=float, na_value=np.nan))
 
-    compound = frame["compound"].astype("string").str.upper().map(COMPOUNDS)
-    status = pd.to_numeric(frame["track_status"].astype("string").str[:1], errors="coerce")
     fields = {
         c: numeric(c)
         for c in ("lap_number", "stint", "tyre_life", "position", "last_lap_s", "gap_ahead_s",
                   "race_laps")
     }  # fmt: skip
-    fields["is_out_lap"] = frame["is_out_lap"].to_numpy(dtype=float)
-    fields["compound_code"] = compound.to_numpy(dtype=float, na_value=np.nan)
-    fields["track_status_code"] = status.to_numpy(dtype=float, na_value=np.nan)
+    fields["is_out_lap"] = np.asarray(frame["is_out_lap"], dtype=float)
+    texts = np.asarray(frame["compound"], dtype=object)
+    fields["compound_code"] = np.array([_compound_code(v) for v in texts], dtype=float)
+    statuses = np.asarray(frame["track_status"], dtype=object)
+    fields["track_status_code"] = np.array([_status_code(v) for v in statuses], dtype=float)
     return fields
+
+
+def _compound_code(value: object) -> float:
+    return float(COMPOUNDS.get(value.upper(), math.nan)) if isinstance(value, str) else math.nan
+
+
+_DIGITS = frozenset("0123456789")
+
+
+def _status_code(value: object) -> float:
+    """FastF1's track status holds the current status first (e.g. "12"): its first digit."""
+    import pandas as pd
+
+    if not isinstance(value, str):
+        if value is None or bool(pd.isna(value)):  # type: ignore[call-overload]
+            return math.nan
+        value = str(value)
+    first = value[:1]
+    return float(first) if first in _DIGITS else math.nan
 
 
 def _lap_row(row: Sequence[float], history: History) -> list[float]:
@@ -121,7 +147,7 @@ def _fresh_history(history: History | None) -> History:
 
 
 def batch_features(
-    frame: pd.DataFrame, cars: Sequence[tuple[np.ndarray, History | None]]
+    frame: pd.DataFrame | Columns, cars: Sequence[tuple[np.ndarray, History | None]]
 ) -> tuple[pd.DataFrame, list[History]]:
     """Features of the rows of `frame` listed per car (`cars`: each car's row
     positions in arrival order, with its state). A lap's features are computed

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+    from pipeline.processing.columns import Columns
+
 log = logging.getLogger(__name__)
 
 PREDICTION_TABLE = "telemetry_predictions"
@@ -47,6 +49,11 @@ class Served:
     booster: Any
     features: list[str]
     threshold: float
+
+    @property
+    def columns(self) -> list[int]:
+        """The model's features as positions in FEATURES (the batch's feature matrix)."""
+        return [FEATURES.index(name) for name in self.features]
 
 
 def load_booster(uri: str, settings: Settings) -> Any:
@@ -173,27 +180,26 @@ class ChampionScorer:
 
     @staticmethod
     def _columns(
-        rows: pd.DataFrame,
+        rows: dict[str, np.ndarray],
         label: str,
         served: Served | None,
-        scored: pd.DataFrame,
+        scored: np.ndarray,
         domain: np.ndarray,
         role: str,
     ) -> None:
         """`<label><role>_p`, `_version` (and the champion's `_alert`) for the batch."""
         import numpy as np
-        import pandas as pd
 
-        p = np.full(len(rows), np.nan)
+        n = len(domain)
+        p = np.full(n, np.nan)
         if served is not None and len(scored):
-            p[domain] = served.booster.inplace_predict(
-                scored[served.features].to_numpy(dtype="float32")
-            )
-        rows[f"{label}{role}_p"] = p if served is not None else None
-        rows[f"{label}{role}_version"] = int(served.version) if served is not None else None
+            p[domain] = served.booster.inplace_predict(scored[:, served.columns])
+        rows[f"{label}{role}_p"] = p if served is not None else np.full(n, None, dtype=object)
+        version = int(served.version) if served is not None else None
+        rows[f"{label}{role}_version"] = np.full(n, version, dtype=int if version else object)
         if not role:  # alerts at the champion's own threshold; NULL where p is
-            alert = pd.array(p >= (served.threshold if served else np.inf), dtype="boolean")
-            alert[np.isnan(p)] = pd.NA
+            alert = (p >= (served.threshold if served else np.inf)).astype(object)
+            alert[np.isnan(p)] = None
             rows[f"{label}_alert"] = alert
 
     def start(self) -> None:
@@ -206,27 +212,25 @@ class ChampionScorer:
             self._follower = threading.Thread(target=self._follow, daemon=True)
             self._follower.start()
 
-    def score(self, samples: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:
+    def score(self, samples: pd.DataFrame | Columns, features: pd.DataFrame) -> Columns:
         """Prediction rows for the batch: one predict call per model, over the
         in-domain samples only."""
-        import pandas as pd
+        import numpy as np
+
+        from pipeline.processing.columns import Columns
 
         self.start()
-        rows = pd.DataFrame(
-            {
-                "run_id": samples["run_id"].to_numpy(),
-                "session_key": samples["session_key"].to_numpy(),
-                "driver_number": samples["driver_number"].to_numpy(),
-                "driver": samples["driver"].to_numpy(),  # dashboards filter by it
-                "seq": samples["seq"].to_numpy(),
-                "event_time": pd.to_datetime(samples["date_us"], unit="us", utc=True).to_numpy(),
-            }
-        )
+        date_us = np.asarray(samples["date_us"], dtype=np.int64)
+        rows: dict[str, np.ndarray] = {
+            name: np.asarray(samples[name])
+            for name in ("run_id", "session_key", "driver_number", "driver", "seq")
+        }  # driver: dashboards filter by it
+        rows["event_time"] = date_us.astype("datetime64[us]")  # UTC, as Columns' times are
         domain = in_domain(features)
         rows["in_domain"] = domain
         # The lap a prediction is for: live scores group by it, without a join.
-        rows["lap_number"] = pd.array(features["lap_number"].to_numpy(), dtype="Int64")
-        scored = features[domain]
+        rows["lap_number"] = features["lap_number"].to_numpy(dtype=float)
+        scored = features.to_numpy(dtype="float32")[domain]  # columns: FEATURES
         for label in self.labels:
             self._columns(rows, label, self.served.get(label), scored, domain, "")
             shadow = self.shadow.get(label)
@@ -234,4 +238,4 @@ class ChampionScorer:
             if shadow and champion and shadow.version == champion.version:
                 shadow = None  # the same version twice: nothing to compare
             self._columns(rows, label, shadow, scored, domain, "_challenger")
-        return rows
+        return Columns(rows, len(date_us), frozenset({"lap_number"}))

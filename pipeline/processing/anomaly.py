@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+    from pipeline.processing.columns import Columns
+
 IMPOSSIBLE_SPEED = "impossible_speed"
 IMPOSSIBLE_RPM = "impossible_rpm"
 IMPOSSIBLE_GEAR = "impossible_gear"
@@ -55,15 +57,15 @@ RATE_FLOOR = {"speed": 20.0, "rpm": 1_000.0}  # smallest MAD-based scale, per se
 OUTLIER_REASON = {"speed": SPEED_OUTLIER, "rpm": RPM_OUTLIER}
 
 
-def rule_flags(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+def rule_flags(frame: pd.DataFrame | Columns) -> dict[str, np.ndarray]:
     """Reason -> boolean mask over the batch, for rules that need no history."""
     import numpy as np
 
-    speed = frame["speed"].to_numpy()
-    rpm = frame["rpm"].to_numpy()
-    gear = frame["gear"].to_numpy()
-    throttle = frame["throttle"].to_numpy()
-    brake = frame["brake"].to_numpy()
+    speed = np.asarray(frame["speed"])
+    rpm = np.asarray(frame["rpm"])
+    gear = np.asarray(frame["gear"])
+    throttle = np.asarray(frame["throttle"])
+    brake = np.asarray(frame["brake"])
     low = np.full(len(frame), np.nan)
     high = np.full(len(frame), np.nan)
     for g, (lo, hi) in GEAR_RATIO_BAND.items():

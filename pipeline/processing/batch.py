@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from pipeline.processing import anomaly
+from pipeline.processing.columns import Columns
 from pipeline.processing.windows import WindowPartial, partials, window_starts
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class WindowConfig:
 
 @dataclass
 class BatchResult:
-    samples: pd.DataFrame  # the batch without duplicates, with is_late and anomalies
+    columns: Columns  # the batch without duplicates, with is_late and anomalies
     anomalies: pd.DataFrame  # one row per (sample, reason): the event log
     windows: list[dict[str, Any]] = field(default_factory=list)
     duplicates: int = 0
@@ -101,9 +102,14 @@ class BatchResult:
     # Samples refused by a bound relative to the stream: (partition, offset, reason).
     rejected: list[tuple[int, int, str]] = field(default_factory=list)
 
+    @property
+    def samples(self) -> pd.DataFrame:
+        """`columns` as a DataFrame (for tools and tests; the consumer keeps columns)."""
+        return self.columns.to_pandas()
+
 
 def process(
-    frame: pd.DataFrame,
+    frame: pd.DataFrame | Columns,
     states: dict[int, PartitionState],
     config: WindowConfig,
     *,
@@ -118,23 +124,32 @@ def process(
     import pandas as pd
 
     now_us = time.time_ns() // 1000 if now_us is None else now_us
-
+    frame = frame if isinstance(frame, Columns) else Columns.from_pandas(frame)
     if frame.empty:
-        return BatchResult(samples=frame.assign(is_late=[], anomalies=[]), anomalies=pd.DataFrame())
-    frame = frame.assign(car=frame["run_id"] + ":" + frame["driver_number"].astype(str))
+        empty = frame.take(np.zeros(0, dtype=np.int64))
+        empty["is_late"], empty["anomalies"] = np.zeros(0, dtype=bool), np.empty(0, dtype=object)
+        return BatchResult(columns=empty, anomalies=pd.DataFrame())
+    frame = frame.copy()  # columns are added below
+    runs, numbers = frame["run_id"].tolist(), frame["driver_number"].tolist()
+    frame["car"] = np.array([f"{r}:{n}" for r, n in zip(runs, numbers, strict=True)], dtype=object)
     # Grouped by partition and car: a car found in two partitions (moved by a
     # partition increase) keeps two states, and the database keys settle overlaps.
-    codes, _ = pd.factorize(frame["car"] + "@" + frame["partition"].astype(str))
-    frame = frame.iloc[np.argsort(codes, kind="stable")].reset_index(drop=True)
+    cars, partitions_of = frame["car"].tolist(), frame["partition"].tolist()
+    groups = [f"{c}@{p}" for c, p in zip(cars, partitions_of, strict=True)]
+    codes, _ = pd.factorize(np.array(groups, dtype=object))
+    if (np.diff(codes) < 0).any():  # not grouped yet
+        frame = frame.take(np.argsort(codes, kind="stable"))
     refused = _out_of_bounds(frame, states, config)
-    partitions, offsets = frame["partition"].to_numpy(), frame["offset"].to_numpy()
+    partitions, offsets = frame["partition"], frame["offset"]
     rejected = [(int(partitions[row]), int(offsets[row]), why) for row, why in refused.items()]
     if refused:
-        frame = frame.drop(index=list(refused)).reset_index(drop=True)
+        accepted = np.ones(len(frame), dtype=bool)
+        accepted[list(refused)] = False
+        frame = frame.take(accepted)
         if frame.empty:
-            empty = process(frame, states, config, with_features=with_features, now_us=now_us)
-            empty.rejected = rejected
-            return empty
+            nothing = process(frame, states, config, with_features=with_features, now_us=now_us)
+            nothing.rejected = rejected
+            return nothing
     flags = anomaly.rule_flags(frame)
     n = len(frame)
     keep = np.ones(n, dtype=bool)
@@ -143,14 +158,12 @@ def process(
     gap_s = np.full(n, np.nan)
     outliers = {channel: np.zeros(n, dtype=bool) for channel in anomaly.RATE_FLOOR}
 
-    car_values = frame["car"].to_numpy()
+    car_values = frame["car"]
     edges = _car_edges(frame)
-    date_us = frame["date_us"].to_numpy()
-    seq = frame["seq"].to_numpy()
-    partition = frame["partition"].to_numpy()
-    # Columns taken out once: indexing the frame inside the per-car loop was most
-    # of a small batch's cost.
-    channels = {c: frame[c].to_numpy(dtype=float) for c in anomaly.RATE_FLOOR}
+    date_us = frame["date_us"]
+    seq = frame["seq"]
+    partition = frame["partition"]
+    channels = {c: np.asarray(frame[c], dtype=float) for c in anomaly.RATE_FLOOR}
     rate_jobs: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
         c: [] for c in anomaly.RATE_FLOOR
     }  # channel -> (rows, history, rates) of each car, judged together below
@@ -191,7 +204,7 @@ def process(
     for channel, mask in outliers.items():
         flags[anomaly.OUTLIER_REASON[channel]] = mask
     on_time = keep & ~late
-    windows = _fold_windows(frame[on_time], states, config)
+    windows = _fold_windows(frame.take(on_time), states, config)
     samples, events = _attach_anomalies(frame, flags, gap_s, late, keep)
     features = None
     if with_features:
@@ -204,7 +217,7 @@ def process(
             car.feature_history = history
         features = features.loc[np.flatnonzero(keep)].reset_index(drop=True)
     return BatchResult(
-        samples=samples,
+        columns=samples,
         anomalies=events,
         windows=windows,
         duplicates=int((~keep).sum()),
@@ -260,12 +273,12 @@ def _without(lo: int, hi: int, value: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in ((lo, value), (value + 1, hi)) if a < b]
 
 
-def _car_edges(frame: pd.DataFrame) -> list[int]:
+def _car_edges(frame: Columns) -> list[int]:
     """Row bounds of each (partition, car) group of a grouped frame."""
     import numpy as np
 
-    car = frame["car"].to_numpy()
-    partition = frame["partition"].to_numpy()
+    car = frame["car"]
+    partition = frame["partition"]
     change = (car[1:] != car[:-1]) | (partition[1:] != partition[:-1])
     return [0, *(np.flatnonzero(change) + 1).tolist(), len(frame)]
 
@@ -291,7 +304,7 @@ def _run_clocks(state: PartitionState) -> dict[str, tuple[int | None, int]]:
 
 
 def _out_of_bounds(
-    frame: pd.DataFrame, states: dict[int, PartitionState], config: WindowConfig
+    frame: Columns, states: dict[int, PartitionState], config: WindowConfig
 ) -> dict[int, str]:
     """Samples too far ahead of the stream to be true (row of `frame` -> reason).
     Such a sample would move its car's watermark, or its seq, for good: every
@@ -307,11 +320,11 @@ def _out_of_bounds(
     import numpy as np
 
     ahead_us = config.max_event_time_ahead_s * 1e6
-    date_us = frame["date_us"].to_numpy()
-    seq = frame["seq"].to_numpy()
-    partition = frame["partition"].to_numpy()
-    run = frame["run_id"].to_numpy()
-    car_values = frame["car"].to_numpy()
+    date_us = frame["date_us"]
+    seq = frame["seq"]
+    partition = frame["partition"]
+    run = frame["run_id"]
+    car_values = frame["car"]
     reasons: dict[int, str] = {}
     clocks = {p: _run_clocks(states[p]) for p in {int(x) for x in np.unique(partition)}}
     in_batch: dict[tuple[int, str], tuple[float | None, float | None]] = {}
@@ -448,16 +461,15 @@ def _gaps_and_rates(
     state.last_date_us = int(latest[-1])
 
 
-def _car_state(partition: PartitionState, key: str, frame: pd.DataFrame, row: int) -> CarState:
+def _car_state(partition: PartitionState, key: str, frame: Columns, row: int) -> CarState:
     state = partition.cars.get(key)
     if state is None:
         run_id = key.rsplit(":", 1)[0]
-        first = frame.iloc[row]  # only for a car not seen before
         state = CarState(
             run_id=run_id,
-            session_key=str(first["session_key"]),
-            driver_number=int(first["driver_number"]),
-            driver=str(first["driver"]),
+            session_key=str(frame["session_key"][row]),
+            driver_number=int(frame["driver_number"][row]),
+            driver=str(frame["driver"][row]),
             last_seq=partition.ended.get(run_id, {}).get(key, -1),
         )
         partition.cars[key] = state
@@ -465,7 +477,7 @@ def _car_state(partition: PartitionState, key: str, frame: pd.DataFrame, row: in
 
 
 def _fold_windows(
-    on_time: pd.DataFrame, states: dict[int, PartitionState], config: WindowConfig
+    on_time: Columns, states: dict[int, PartitionState], config: WindowConfig
 ) -> list[dict[str, Any]]:
     """Merge the batch's partial windows into each car's open ones and close
     every window its watermark has passed."""
@@ -501,44 +513,47 @@ def _window_row(car: CarState, window: WindowPartial, config: WindowConfig) -> d
 
 
 def _attach_anomalies(
-    frame: pd.DataFrame,
+    frame: Columns,
     flags: dict[str, np.ndarray],
     gap_s: np.ndarray,
     late: np.ndarray,
     keep: np.ndarray,
-) -> tuple[pd.DataFrame, pd.DataFrame]:
+) -> tuple[Columns, pd.DataFrame]:
     """Reason lists per sample, and the long event log (one row per reason)."""
     import numpy as np
     import pandas as pd
 
     value_of = {
         anomaly.SAMPLE_GAP: gap_s,
-        anomaly.IMPOSSIBLE_RPM: frame["rpm"].to_numpy(),
-        anomaly.RPM_OUTLIER: frame["rpm"].to_numpy(),
-        anomaly.IMPOSSIBLE_GEAR: frame["gear"].to_numpy(),
-        anomaly.IMPOSSIBLE_THROTTLE: frame["throttle"].to_numpy(),
-        anomaly.IMPOSSIBLE_BRAKE: frame["brake"].to_numpy(),
-        anomaly.GEAR_SPEED_RPM_MISMATCH: frame["gear"].to_numpy(),
+        anomaly.IMPOSSIBLE_RPM: frame["rpm"],
+        anomaly.RPM_OUTLIER: frame["rpm"],
+        anomaly.IMPOSSIBLE_GEAR: frame["gear"],
+        anomaly.IMPOSSIBLE_THROTTLE: frame["throttle"],
+        anomaly.IMPOSSIBLE_BRAKE: frame["brake"],
+        anomaly.GEAR_SPEED_RPM_MISMATCH: frame["gear"],
     }
-    reasons: list[list[str] | None] = [None] * len(frame)
-    events = []
+    reasons = np.full(len(frame), None, dtype=object)
+    rows_of, reason_of, value_at = [], [], []
     for reason in anomaly.REASONS:
         rows = np.flatnonzero(flags[reason] & keep)
+        if not len(rows):
+            continue
         for i in rows.tolist():
             if reasons[i] is None:
                 reasons[i] = []
-            reasons[i].append(reason)  # type: ignore[union-attr]
-        if len(rows):
-            values = value_of.get(reason, frame["speed"].to_numpy())[rows]
-            events.append(pd.DataFrame({"row": rows, "reason": reason, "value": values}))
-    samples = frame.assign(is_late=late, anomalies=pd.Series(reasons, dtype=object))
-    log = (
-        pd.concat(events, ignore_index=True)
-        if events
-        else pd.DataFrame({"row": [], "reason": [], "value": []})
-    )
+            reasons[i].append(reason)
+        rows_of.append(rows)
+        reason_of += [reason] * len(rows)
+        value_at.append(np.asarray(value_of.get(reason, frame["speed"]), dtype=float)[rows])
+    event_rows = np.concatenate(rows_of) if rows_of else np.zeros(0, dtype=np.int64)
     event_columns = ["run_id", "session_key", "driver_number", "driver", "seq", "date_us"]
-    log = pd.concat(
-        [samples.iloc[log["row"].to_numpy()][event_columns].reset_index(drop=True), log], axis=1
-    ).drop(columns="row")
-    return samples[keep].reset_index(drop=True), log
+    log = pd.DataFrame(
+        {
+            **{c: frame[c][event_rows] for c in event_columns},
+            "reason": np.array(reason_of, dtype=object),
+            "value": np.concatenate(value_at) if value_at else np.zeros(0),
+        }
+    )
+    frame["is_late"] = late
+    frame["anomalies"] = reasons
+    return (frame if keep.all() else frame.take(keep)), log

@@ -22,8 +22,10 @@ import msgspec
 
 from pipeline import schema
 from pipeline.processing import batch as batch_logic
+from pipeline.processing.columns import Columns
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
 
 log = logging.getLogger(__name__)
@@ -38,7 +40,7 @@ class BatchScorer(Protocol):
     def start(self) -> None:
         """Get ready before the first batch (load models)."""
 
-    def score(self, samples: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame: ...
+    def score(self, samples: Columns, features: pd.DataFrame) -> Columns: ...
 
 
 @dataclass
@@ -136,40 +138,49 @@ def _column_dtypes() -> dict[str, str]:
 
 
 COLUMN_DTYPES = _column_dtypes()
+# Nullable integers travel as float with NaN (`Columns`), the produce time too.
+INT_COLUMNS = frozenset(n for n, d in COLUMN_DTYPES.items() if d == "Int64") | {"produced_at_us"}
+
+
+def _typed(name: str, values: Sequence[Any]) -> np.ndarray:
+    import numpy as np
+
+    dtype = COLUMN_DTYPES[name]
+    return np.array(values, dtype="float64" if dtype == "Int64" else dtype)  # None -> NaN
 
 
 def columns_frame(columns: dict[str, Sequence[Any]]) -> pd.DataFrame:
     """Sample fields (name -> values, None where absent) as typed columns."""
-    import numpy as np
-    import pandas as pd
+    typed = {name: _typed(name, columns[name]) for name in schema.SAMPLE_FIELDS}
+    rows = len(typed[schema.SAMPLE_FIELDS[0]])
+    return Columns(typed, rows, INT_COLUMNS).to_pandas()
 
-    typed: dict[str, Any] = {}
-    for name in schema.SAMPLE_FIELDS:
-        dtype = COLUMN_DTYPES[name]
-        values = columns[name]
-        typed[name] = (
-            pd.array(list(values), dtype="Int64")
-            if dtype == "Int64"
-            else np.asarray(values, dtype=dtype)
-        )
-    return pd.DataFrame(typed)
+
+def columns(
+    samples: Sequence[schema.TelemetrySample], meta: Sequence[tuple[int, int, int | None]]
+) -> Columns:
+    """The samples as typed columns, with their partition, offset and produce time:
+    one numpy conversion per field, no pandas (see `pipeline.processing.columns`)."""
+    import numpy as np
+
+    rows = [msgspec.structs.astuple(s) for s in samples]
+    values = zip(*rows, strict=True) if rows else ((),) * len(schema.SAMPLE_FIELDS)
+    data = {
+        name: _typed(name, column)
+        for name, column in zip(schema.SAMPLE_FIELDS, values, strict=True)
+    }
+    partition, offset, produced = zip(*meta, strict=True) if meta else ((), (), ())
+    data["partition"] = np.array(partition, dtype=np.int64)
+    data["offset"] = np.array(offset, dtype=np.int64)
+    data["produced_at_us"] = np.array(produced, dtype=np.float64)
+    return Columns(data, len(rows), INT_COLUMNS)
 
 
 def frame(
     samples: Sequence[schema.TelemetrySample], meta: Sequence[tuple[int, int, int | None]]
 ) -> pd.DataFrame:
-    """The samples as columns, with their partition, offset and produce time."""
-    import numpy as np
-    import pandas as pd
-
-    rows = [msgspec.structs.astuple(s) for s in samples]
-    values = zip(*rows, strict=True) if rows else ((),) * len(schema.SAMPLE_FIELDS)
-    columns = columns_frame(dict(zip(schema.SAMPLE_FIELDS, values, strict=True)))
-    partition, offset, produced = zip(*meta, strict=True) if meta else ((), (), ())
-    columns["partition"] = np.asarray(partition, dtype=np.int64)
-    columns["offset"] = np.asarray(offset, dtype=np.int64)
-    columns["produced_at_us"] = pd.array(produced, dtype="Int64")
-    return columns
+    """`columns` as a DataFrame (nullable integers as Int64)."""
+    return columns(samples, meta).to_pandas()
 
 
 @dataclass
@@ -178,7 +189,7 @@ class ComposedBatch:
 
     decoded: Decoded
     result: batch_logic.BatchResult
-    scored: dict[str, pd.DataFrame]  # table -> the models' rows
+    scored: dict[str, Columns]  # table -> the models' rows
     idled: set[int]  # partitions whose state changed by closing idle cars
 
 
@@ -199,7 +210,7 @@ def compose(
         messages, assigned=states, runs_seen=runs_seen, max_message_bytes=max_message_bytes
     )
     result = batch_logic.process(
-        frame(decoded.samples, decoded.meta), states, window,
+        columns(decoded.samples, decoded.meta), states, window,
         with_features=bool(scorers), now_us=now_us,
     )  # fmt: skip
     decoded.dead += [
@@ -211,6 +222,6 @@ def compose(
     idle_windows, idled = batch_logic.close_idle(states, window, now_us=now_us, caught_up=caught_up)
     result.windows += idle_windows
     scored = {}
-    if len(result.samples) and result.features is not None:
-        scored = {s.table: s.score(result.samples, result.features) for s in scorers}
+    if len(result.columns) and result.features is not None:
+        scored = {s.table: s.score(result.columns, result.features) for s in scorers}
     return ComposedBatch(decoded=decoded, result=result, scored=scored, idled=idled)

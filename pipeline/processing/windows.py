@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
+    from pipeline.processing.columns import Columns
+
 WINDOW_COLUMNS = (
     "samples", "speed_min", "speed_avg", "speed_max", "rpm_min", "rpm_avg", "rpm_max",
     "throttle_full_share", "brake_share", "gear_changes", "drs_open_share",
@@ -82,7 +84,9 @@ def window_starts(date_us: np.ndarray, window_us: int) -> np.ndarray:
     return (date_us // window_us) * window_us
 
 
-def partials(samples: pd.DataFrame, window_us: int) -> dict[tuple[int, str], list[WindowPartial]]:
+def partials(
+    samples: pd.DataFrame | Columns, window_us: int
+) -> dict[tuple[int, str], list[WindowPartial]]:
     """Aggregate on-time samples per (partition, car) and window. `samples` is
     grouped by partition and car, each car's rows in arrival order.
 
@@ -93,9 +97,9 @@ def partials(samples: pd.DataFrame, window_us: int) -> dict[tuple[int, str], lis
 
     if samples.empty:
         return {}
-    start = window_starts(samples["date_us"].to_numpy(), window_us)
-    partition = samples["partition"].to_numpy()
-    car = samples["car"].to_numpy()
+    start = window_starts(np.asarray(samples["date_us"]), window_us)
+    partition = np.asarray(samples["partition"])
+    car = np.asarray(samples["car"])
     new_car = np.ones(len(samples), dtype=bool)
     new_car[1:] = (car[1:] != car[:-1]) | (partition[1:] != partition[:-1])
     car_code = np.cumsum(new_car) - 1  # rows are grouped by (partition, car)
@@ -106,13 +110,13 @@ def partials(samples: pd.DataFrame, window_us: int) -> dict[tuple[int, str], lis
     bounds = np.flatnonzero(np.diff(inverse[order], prepend=-1))
     last = np.append(bounds[1:], len(order)) - 1
 
-    gear = samples["gear"].to_numpy()
-    throttle = samples["throttle"].to_numpy()
+    gear = np.asarray(samples["gear"])
+    throttle = np.asarray(samples["throttle"])
     # A gear change counts between consecutive samples of the same car and window.
     changed = np.zeros(len(samples), dtype=np.int64)
     changed[1:] = (gear[1:] != gear[:-1]) & (start[1:] == start[:-1]) & ~new_car[1:]
-    speed = samples["speed"].to_numpy(dtype=float)
-    rpm = samples["rpm"].to_numpy(dtype=float)
+    speed = np.asarray(samples["speed"], dtype=float)
+    rpm = np.asarray(samples["rpm"], dtype=float)
 
     def total(values: np.ndarray) -> list[float]:
         sums: list[float] = np.bincount(inverse, weights=values, minlength=len(groups)).tolist()
@@ -127,8 +131,8 @@ def partials(samples: pd.DataFrame, window_us: int) -> dict[tuple[int, str], lis
         total(speed), reduced(np.minimum, speed), reduced(np.maximum, speed),
         total(rpm), reduced(np.minimum, rpm), reduced(np.maximum, rpm),
         [round(x) for x in total(((throttle >= 99) & (throttle <= 100)).astype(float))],
-        [round(x) for x in total((samples["brake"].to_numpy() >= 50).astype(float))],
-        [round(x) for x in total(samples["drs_open"].to_numpy().astype(float))],
+        [round(x) for x in total((np.asarray(samples["brake"]) >= 50).astype(float))],
+        [round(x) for x in total(np.asarray(samples["drs_open"]).astype(float))],
         [round(x) for x in total(changed.astype(float))],
         gear[order[bounds]].tolist(), gear[order[last]].tolist(),
     ]  # fmt: skip

@@ -19,7 +19,7 @@ consumers' transactions cannot wait on each other's rows in a cycle.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +31,8 @@ from pipeline.sinks import migrations
 if TYPE_CHECKING:
     import pandas as pd
     import psycopg
+
+    from pipeline.processing.columns import Columns
 
 SAMPLE_COLUMNS = (
     "run_id", "session_key", "driver_number", "driver", "seq", "event_time", "session_time_s",
@@ -118,9 +120,9 @@ ARRAY_COLUMNS = frozenset({"anomalies"})
 
 
 def _copy(conn: psycopg.Connection, table: str, columns: Sequence[str], rows: Any) -> None:
-    """COPY `rows` into `table`: a DataFrame as CSV written by Arrow in one call
-    (no Python per row, where the time went: psycopg's write_row was most of a
-    batch), a short list of tuples row by row."""
+    """COPY `rows` into `table`: columns (a `Columns` or a DataFrame) as CSV written
+    by Arrow in one call (no Python per row, where the time went: psycopg's
+    write_row was most of a batch), a short list of tuples row by row."""
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
     if isinstance(rows, list):
         statement = sql.SQL("COPY {} ({}) FROM STDIN").format(sql.Identifier(table), names)
@@ -130,24 +132,43 @@ def _copy(conn: psycopg.Connection, table: str, columns: Sequence[str], rows: An
         return
     statement = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT csv)").format(sql.Identifier(table), names)
     with conn.cursor().copy(statement) as copy:
-        copy.write(csv_bytes(rows[list(columns)]))
+        copy.write(csv_bytes(rows, columns))
 
 
-def csv_bytes(frame: pd.DataFrame) -> bytes:
-    """The frame as PostgreSQL's CSV: Arrow writes a null unquoted and empty (NULL
+def csv_bytes(frame: pd.DataFrame | Columns, columns: Sequence[str]) -> bytes:
+    """The columns as PostgreSQL's CSV: Arrow writes a null unquoted and empty (NULL
     to COPY) and every string quoted (so "" is an empty string, never NULL);
-    the lists of ARRAY_COLUMNS become array literals."""
+    the lists of ARRAY_COLUMNS become array literals. Each column goes to Arrow
+    straight from its numpy array (pandas' conversion cost milliseconds a batch)."""
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
-    lists = ARRAY_COLUMNS.intersection(frame.columns)
-    if lists:
-        frame = frame.assign(**{c: frame[c].map(_array_literal) for c in lists})
-    table = pa.Table.from_pandas(frame, preserve_index=False)
+    ints: frozenset[str] = getattr(frame, "int_columns", frozenset())
+    table = pa.Table.from_arrays(
+        [_arrow(frame[name], name, ints) for name in columns], names=list(columns)
+    )
     sink = pa.BufferOutputStream()
     pa_csv.write_csv(table, sink, pa_csv.WriteOptions(include_header=False))
     data: bytes = sink.getvalue().to_pybytes()
     return data
+
+
+def _arrow(values: Any, name: str, int_columns: frozenset[str]) -> Any:
+    """One column as an Arrow array: `int_columns` are float with NaN for NULL,
+    naive datetime64 is UTC (`pipeline.processing.columns`)."""
+    import numpy as np
+    import pyarrow as pa
+
+    if name in ARRAY_COLUMNS:
+        return pa.array([_array_literal(v) for v in values], type=pa.string())
+    if not isinstance(values, np.ndarray):  # a pandas Series: Arrow knows its dtypes
+        return pa.array(values, from_pandas=True)
+    if name in int_columns:
+        missing = np.isnan(values)
+        return pa.array(np.where(missing, 0, values).astype(np.int64), mask=missing)
+    if values.dtype.kind == "M":
+        return pa.array(values, type=pa.timestamp("us", tz="UTC"), from_pandas=True)
+    return pa.array(values, from_pandas=True)
 
 
 def _array_literal(values: Any) -> str | None:
@@ -198,14 +219,22 @@ def _timestamps(micros: Any) -> Any:
     return pd.to_datetime(micros, unit="us", utc=True)
 
 
-def sample_frame(samples: pd.DataFrame) -> pd.DataFrame:
+def sample_rows(samples: pd.DataFrame | Columns) -> Columns:
     """Processed samples as the table's columns (times as timestamps)."""
-    return samples.assign(
-        event_time=_timestamps(samples["date_us"]),
-        produced_at=_timestamps(samples["produced_at_us"]),
-        topic_partition=samples["partition"],
-        kafka_offset=samples["offset"],
-    )[list(SAMPLE_COLUMNS)]
+    import numpy as np
+
+    from pipeline.processing.columns import Columns
+
+    batch = samples if isinstance(samples, Columns) else Columns.from_pandas(samples)
+    rows = {name: batch[name] for name in SAMPLE_COLUMNS if name in batch}
+    rows["event_time"] = np.asarray(batch["date_us"], dtype=np.int64).astype("datetime64[us]")
+    produced = np.asarray(batch["produced_at_us"], dtype=float)
+    at = np.full(len(produced), np.datetime64("NaT"), dtype="datetime64[us]")
+    known = ~np.isnan(produced)
+    at[known] = produced[known].astype(np.int64)
+    rows["produced_at"] = at
+    rows["topic_partition"], rows["kafka_offset"] = batch["partition"], batch["offset"]
+    return Columns({c: rows[c] for c in SAMPLE_COLUMNS}, len(batch), batch.int_columns)
 
 
 @dataclass
@@ -221,13 +250,13 @@ def commit_batch(
     *,
     group_id: str,
     topic: str,
-    samples: pd.DataFrame,
+    samples: pd.DataFrame | Columns,
     events: pd.DataFrame,
     windows: list[dict[str, Any]],
     dead_letters: list[tuple[Any, ...]],
     run_ends: list[tuple[str, int, int]],
     partitions: list[PartitionCommit],
-    extra_tables: dict[str, pd.DataFrame] | None = None,
+    extra_tables: Mapping[str, pd.DataFrame | Columns] | None = None,
     new_runs: Sequence[tuple[str, str, str]] = (),
 ) -> dict[str, int]:
     """Write one batch's rows, offsets and state atomically (or raise Fenced).
@@ -254,7 +283,7 @@ def commit_batch(
             )
         tables: list[tuple[str, Sequence[str], Any]] = []
         if len(samples):
-            tables.append(("telemetry_samples", SAMPLE_COLUMNS, sample_frame(samples)))
+            tables.append(("telemetry_samples", SAMPLE_COLUMNS, sample_rows(samples)))
         if len(events):
             frame = events.assign(event_time=_timestamps(events["date_us"]))
             tables.append(("anomaly_events", EVENT_COLUMNS, frame))
@@ -264,9 +293,9 @@ def commit_batch(
             )
         if dead_letters:
             tables.append(("dead_letters", DEAD_LETTER_COLUMNS, dead_letters))
-        for table, frame in (extra_tables or {}).items():  # e.g. the models' predictions
-            if len(frame):
-                tables.append((table, list(frame.columns), frame))
+        for table, rows in (extra_tables or {}).items():  # e.g. the models' predictions
+            if len(rows):
+                tables.append((table, list(rows.columns), rows))
         if tables:
             skipped = _copy_tables(conn, tables)
         if run_ends:  # a retried producer ends its run again: the latest count wins

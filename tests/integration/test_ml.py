@@ -217,10 +217,10 @@ def test_predictions_ignore_the_car_number_use_the_threshold_and_skip_the_grid(
     scorer.refresh(force=True)
     served = scorer.served["pit_stop"]
     assert served.threshold == pytest.approx(trained["pit_stop"].metrics["threshold"])
-    rows = scorer.score(samples, features)
+    rows = scorer.score(samples, features).to_pandas()
     renumbered = scorer.score(
         samples.assign(driver_number=samples["driver_number"] + 100), features
-    )
+    ).to_pandas()
     pd.testing.assert_series_equal(rows["pit_stop_p"], renumbered["pit_stop_p"])
     domain = in_domain(features)
     assert (~domain).any() and domain.any()
