@@ -31,9 +31,10 @@ def producer_config(settings: Settings, **overrides: Any) -> dict[str, Any]:
         # and each car's order survives retries.
         "enable.idempotence": True,
         "acks": "all",
-        # Batching: at full speed batches fill long before linger; at 1x the
-        # 5 ms linger is the latency bought for fewer requests.
-        "linger.ms": 5,
+        # Batching: at full speed batches fill while requests are in flight; at 1x
+        # the linger is latency added to every sample (5 ms measured p50 6.9 ms
+        # produce-to-fetch on loopback, 1 ms about 2 ms), so it stays short.
+        "linger.ms": 1,
         "batch.size": 1_000_000,
         "compression.type": "lz4",
         "queue.buffering.max.messages": 500_000,

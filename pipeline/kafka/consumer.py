@@ -369,7 +369,7 @@ class StreamConsumer:
                     group_id=self.group,
                     topic=self.topic,
                     samples=result.columns,
-                    events=result.anomalies,
+                    events=result.events,
                     windows=result.windows,
                     dead_letters=dead_rows,
                     run_ends=[(e.run_id, p, e.samples) for p, e in decoded.ends],
@@ -403,7 +403,7 @@ class StreamConsumer:
             np.percentile(latency_ms, [50, 95, 99]).tolist() if len(latency_ms) else [None] * 3
         )
         elapsed = time.perf_counter() - started
-        anomalies = len(result.anomalies)
+        anomalies = len(result.events)
         r = self.report
         r.busy_seconds = time.perf_counter() - self._first_message
         r.cpu_seconds = time.process_time() - self._first_cpu
@@ -424,7 +424,7 @@ class StreamConsumer:
             consumer=self.member,
             samples=result.columns,
             predictions=scored.get("telemetry_predictions"),
-            alerts=result.anomalies,
+            alerts=result.events,
             latency_ms=(p50, p99),
             committed_us=committed_us,
         )

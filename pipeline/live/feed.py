@@ -40,7 +40,7 @@ def batch_update(
     consumer: str,
     samples: pd.DataFrame | Columns,
     predictions: pd.DataFrame | Columns | None,
-    alerts: pd.DataFrame,
+    alerts: pd.DataFrame | Columns,
     latency_ms: tuple[float | None, float | None],
     committed_us: int,
 ) -> bytes | None:
@@ -100,7 +100,12 @@ def batch_update(
             if column is None
             else [None if pd.isna(v) else bool(v) for v in np.asarray(column, dtype=object)[last]]
         )
-    newest = alerts.sort_values("date_us").tail(MAX_ALERTS) if len(alerts) else alerts
+    alert_times = np.asarray(alerts["date_us"]) if len(alerts) else np.zeros(0, dtype=np.int64)
+    newest = np.argsort(alert_times, kind="stable")[-MAX_ALERTS:]
+
+    def alert(name: str) -> list[Any]:
+        return list(np.asarray(alerts[name])[newest].tolist())
+
     update: dict[str, Any] = {
         "consumer": consumer,
         "runs": runs,
@@ -114,12 +119,12 @@ def batch_update(
         "alerts": [
             [run_index[run], session, driver, date_us, reason, _plain(value)]
             for run, session, driver, date_us, reason, value in zip(
-                newest["run_id"].tolist(),
-                newest["session_key"].tolist(),
-                newest["driver"].tolist(),
-                newest["date_us"].astype("int64").tolist(),
-                newest["reason"].tolist(),
-                newest["value"].tolist(),
+                alert("run_id"),
+                alert("session_key"),
+                alert("driver"),
+                [int(t) for t in alert("date_us")],
+                alert("reason"),
+                alert("value"),
                 strict=True,
             )
         ],

@@ -94,7 +94,7 @@ class WindowConfig:
 @dataclass
 class BatchResult:
     columns: Columns  # the batch without duplicates, with is_late and anomalies
-    anomalies: pd.DataFrame  # one row per (sample, reason): the event log
+    events: Columns  # one row per (sample, reason): the anomaly event log
     windows: list[dict[str, Any]] = field(default_factory=list)
     duplicates: int = 0
     late: int = 0
@@ -106,6 +106,11 @@ class BatchResult:
     def samples(self) -> pd.DataFrame:
         """`columns` as a DataFrame (for tools and tests; the consumer keeps columns)."""
         return self.columns.to_pandas()
+
+    @property
+    def anomalies(self) -> pd.DataFrame:
+        """`events` as a DataFrame."""
+        return self.events.to_pandas()
 
 
 def process(
@@ -128,7 +133,7 @@ def process(
     if frame.empty:
         empty = frame.take(np.zeros(0, dtype=np.int64))
         empty["is_late"], empty["anomalies"] = np.zeros(0, dtype=bool), np.empty(0, dtype=object)
-        return BatchResult(columns=empty, anomalies=pd.DataFrame())
+        return BatchResult(columns=empty, events=_event_log(empty, [], [], []))
     frame = frame.copy()  # columns are added below
     runs, numbers = frame["run_id"].tolist(), frame["driver_number"].tolist()
     frame["car"] = np.array([f"{r}:{n}" for r, n in zip(runs, numbers, strict=True)], dtype=object)
@@ -218,7 +223,7 @@ def process(
         features = features.loc[np.flatnonzero(keep)].reset_index(drop=True)
     return BatchResult(
         columns=samples,
-        anomalies=events,
+        events=events,
         windows=windows,
         duplicates=int((~keep).sum()),
         late=int(late[keep].sum()),
@@ -518,10 +523,9 @@ def _attach_anomalies(
     gap_s: np.ndarray,
     late: np.ndarray,
     keep: np.ndarray,
-) -> tuple[Columns, pd.DataFrame]:
+) -> tuple[Columns, Columns]:
     """Reason lists per sample, and the long event log (one row per reason)."""
     import numpy as np
-    import pandas as pd
 
     value_of = {
         anomaly.SAMPLE_GAP: gap_s,
@@ -545,15 +549,23 @@ def _attach_anomalies(
         rows_of.append(rows)
         reason_of += [reason] * len(rows)
         value_at.append(np.asarray(value_of.get(reason, frame["speed"]), dtype=float)[rows])
-    event_rows = np.concatenate(rows_of) if rows_of else np.zeros(0, dtype=np.int64)
-    event_columns = ["run_id", "session_key", "driver_number", "driver", "seq", "date_us"]
-    log = pd.DataFrame(
-        {
-            **{c: frame[c][event_rows] for c in event_columns},
-            "reason": np.array(reason_of, dtype=object),
-            "value": np.concatenate(value_at) if value_at else np.zeros(0),
-        }
-    )
+    log = _event_log(frame, rows_of, reason_of, value_at)
     frame["is_late"] = late
     frame["anomalies"] = reasons
     return (frame if keep.all() else frame.take(keep)), log
+
+
+EVENT_FIELDS = ("run_id", "session_key", "driver_number", "driver", "seq", "date_us")
+
+
+def _event_log(
+    frame: Columns, rows_of: list[np.ndarray], reasons: list[str], values: list[np.ndarray]
+) -> Columns:
+    """The event log: each flagged row's identity, its reason and the value judged."""
+    import numpy as np
+
+    rows = np.concatenate(rows_of) if rows_of else np.zeros(0, dtype=np.int64)
+    log = {c: frame[c][rows] for c in EVENT_FIELDS}
+    log["reason"] = np.array(reasons, dtype=object)
+    log["value"] = np.concatenate(values) if values else np.zeros(0)
+    return Columns(log, len(rows))

@@ -7,11 +7,11 @@ longer current (a consumer that was presumed dead and replaced) is rolled back,
 so two processes can never both write the same messages.
 
 A row whose key is already stored (offsets lost, a car's state forgotten or
-split over two partitions) never fails the batch: the COPYs run in one
-savepoint, and on a key clash the batch's rows are written again through
-staging tables with `ON CONFLICT DO NOTHING`. The stored row wins, the skipped ones are counted
+split over two partitions) never fails the batch: on a key clash the whole
+transaction is rolled back and written again, the rows through staging tables
+with `ON CONFLICT DO NOTHING`. The stored row wins, the skipped ones are counted
 (samples as duplicates), and exactly once still holds. Clashes are rare, so the
-fast path stays a plain COPY.
+fast path stays plain COPYs, with no savepoint.
 
 Partitions are always claimed and committed in ascending order, so two
 consumers' transactions cannot wait on each other's rows in a cycle.
@@ -177,21 +177,18 @@ def _array_literal(values: Any) -> str | None:
 
 
 def _copy_tables(
-    conn: psycopg.Connection, tables: list[tuple[str, Sequence[str], Any]]
+    conn: psycopg.Connection,
+    tables: list[tuple[str, Sequence[str], Any]],
+    *,
+    skip_stored: bool,
 ) -> dict[str, int]:
-    """COPY each (table, columns, rows), skipping rows whose key is already
-    stored (or repeated within the rows: the first wins). Returns, per table,
-    how many were skipped. One savepoint for all of them: a clash undoes only
-    the COPYs, which are then written again through staging tables."""
-    import psycopg
-
-    try:
-        with conn.transaction():
-            for table, columns, rows in tables:
-                _copy(conn, table, columns, rows)
+    """COPY each (table, columns, rows). With `skip_stored`, rows whose key is
+    already stored (or repeated within the rows: the first wins) are skipped,
+    through a staging table per table; returns, per table, how many were."""
+    if not skip_stored:
+        for table, columns, rows in tables:
+            _copy(conn, table, columns, rows)
         return {}
-    except psycopg.errors.UniqueViolation:
-        pass
     skipped = {}
     for table, columns, rows in tables:
         staging = sql.Identifier(f"staging_{table}")
@@ -213,10 +210,16 @@ def _copy_tables(
     return skipped
 
 
-def _timestamps(micros: Any) -> Any:
-    import pandas as pd
+def _with_event_time(rows: pd.DataFrame | Columns) -> Columns:
+    """Rows with `date_us` (epoch microseconds), and `event_time` from it."""
+    import numpy as np
 
-    return pd.to_datetime(micros, unit="us", utc=True)
+    from pipeline.processing.columns import Columns
+
+    batch = rows if isinstance(rows, Columns) else Columns.from_pandas(rows)
+    batch = batch.copy()
+    batch["event_time"] = np.asarray(batch["date_us"], dtype=np.int64).astype("datetime64[us]")
+    return batch
 
 
 def sample_rows(samples: pd.DataFrame | Columns) -> Columns:
@@ -225,9 +228,8 @@ def sample_rows(samples: pd.DataFrame | Columns) -> Columns:
 
     from pipeline.processing.columns import Columns
 
-    batch = samples if isinstance(samples, Columns) else Columns.from_pandas(samples)
+    batch = _with_event_time(samples)
     rows = {name: batch[name] for name in SAMPLE_COLUMNS if name in batch}
-    rows["event_time"] = np.asarray(batch["date_us"], dtype=np.int64).astype("datetime64[us]")
     produced = np.asarray(batch["produced_at_us"], dtype=float)
     at = np.full(len(produced), np.datetime64("NaT"), dtype="datetime64[us]")
     known = ~np.isnan(produced)
@@ -251,7 +253,7 @@ def commit_batch(
     group_id: str,
     topic: str,
     samples: pd.DataFrame | Columns,
-    events: pd.DataFrame,
+    events: pd.DataFrame | Columns,
     windows: list[dict[str, Any]],
     dead_letters: list[tuple[Any, ...]],
     run_ends: list[tuple[str, int, int]],
@@ -264,40 +266,63 @@ def commit_batch(
     before, recorded with the topic (so scratch runs are found and removed even
     when no producer of ours registered them). Returns, per table, the rows
     skipped because their key was already stored."""
+    import psycopg
+
+    tables: list[tuple[str, Sequence[str], Any]] = []
+    if len(samples):
+        tables.append(("telemetry_samples", SAMPLE_COLUMNS, sample_rows(samples)))
+    if len(events):
+        tables.append(("anomaly_events", EVENT_COLUMNS, _with_event_time(events)))
+    if windows:
+        tables.append(("telemetry_windows", WINDOW_COLUMNS, [_window_values(w) for w in windows]))
+    if dead_letters:
+        tables.append(("dead_letters", DEAD_LETTER_COLUMNS, dead_letters))
+    for table, rows in (extra_tables or {}).items():  # e.g. the models' predictions
+        if len(rows):
+            tables.append((table, list(rows.columns), rows))
+    batch = (group_id, topic, partitions, new_runs, tables, run_ends)
+    try:
+        return _write_batch(conn, *batch, skip_stored=False)
+    except psycopg.errors.UniqueViolation:
+        # A resend (a row already stored): the whole transaction again, the stored
+        # rows winning. Rare, so the usual batch pays for no savepoint.
+        return _write_batch(conn, *batch, skip_stored=True)
+
+
+def _write_batch(
+    conn: psycopg.Connection,
+    group_id: str,
+    topic: str,
+    partitions: list[PartitionCommit],
+    new_runs: Sequence[tuple[str, str, str]],
+    tables: list[tuple[str, Sequence[str], Any]],
+    run_ends: list[tuple[str, int, int]],
+    *,
+    skip_stored: bool,
+) -> dict[str, int]:
     skipped: dict[str, int] = {}
     with conn.transaction():
-        # Fence first (a stale owner writes nothing), in ascending partition order.
-        for commit in sorted(partitions, key=lambda c: c.partition):
-            updated = conn.execute(
+        # Fence first (a stale owner writes nothing), in ascending partition order,
+        # in one round trip (psycopg pipelines executemany; rowcount is the sum).
+        fences = sorted(partitions, key=lambda c: c.partition)
+        if fences:
+            cursor = conn.cursor()
+            cursor.executemany(
                 "UPDATE consumer_offsets SET next_offset = %s, state = %s, updated_at = now() "
                 "WHERE group_id = %s AND topic = %s AND topic_partition = %s AND epoch = %s",
-                (commit.next_offset, commit.state, group_id, topic, commit.partition, commit.epoch),
-            ).rowcount
-            if updated != 1:
-                raise Fenced(f"partition {commit.partition} of {topic} was taken over")
+                [(c.next_offset, c.state, group_id, topic, c.partition, c.epoch) for c in fences],
+            )
+            if cursor.rowcount != len(fences):
+                taken = [c.partition for c in fences]
+                raise Fenced(f"one of partitions {taken} of {topic} was taken over")
         if new_runs:
             conn.cursor().executemany(
                 "INSERT INTO stream_runs (run_id, session_key, source, topic) "
                 "VALUES (%s, %s, %s, %s) ON CONFLICT (run_id) DO NOTHING",
                 [(*run, topic) for run in new_runs],
             )
-        tables: list[tuple[str, Sequence[str], Any]] = []
-        if len(samples):
-            tables.append(("telemetry_samples", SAMPLE_COLUMNS, sample_rows(samples)))
-        if len(events):
-            frame = events.assign(event_time=_timestamps(events["date_us"]))
-            tables.append(("anomaly_events", EVENT_COLUMNS, frame))
-        if windows:
-            tables.append(
-                ("telemetry_windows", WINDOW_COLUMNS, [_window_values(w) for w in windows])
-            )
-        if dead_letters:
-            tables.append(("dead_letters", DEAD_LETTER_COLUMNS, dead_letters))
-        for table, rows in (extra_tables or {}).items():  # e.g. the models' predictions
-            if len(rows):
-                tables.append((table, list(rows.columns), rows))
         if tables:
-            skipped = _copy_tables(conn, tables)
+            skipped = _copy_tables(conn, tables, skip_stored=skip_stored)
         if run_ends:  # a retried producer ends its run again: the latest count wins
             conn.cursor().executemany(
                 "INSERT INTO stream_run_ends (run_id, topic_partition, samples) "

@@ -101,7 +101,9 @@ def test_sigterm_stops_producer_and_consumer_cleanly_and_nothing_is_lost(
 ) -> None:
     settings, env = isolated
     run = f"term-{uuid.uuid4().hex[:6]}"
-    consumer = consumer_process(env, "terminated", run)
+    # Not until the run: the stopped producer's end markers would end it first
+    # (a race with the SIGTERM below); only the signal may stop this one.
+    consumer = consumer_process(env, "terminated", None)
     producer = subprocess.Popen(
         [F1, "produce", "--session", RACE, "--speed", "50", "--run-id", run],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
