@@ -49,7 +49,9 @@ Percent = Annotated[float, msgspec.Meta(ge=0, le=255)]  # FastF1's error code 10
 Count = Annotated[int, msgspec.Meta(ge=0, le=1_000)]
 
 
-class TelemetrySample(msgspec.Struct, frozen=True, tag="sample", tag_field="kind"):
+# gc=False: a message holds only scalars and text (no cycles), so the collector
+# need not track the thousands a batch decodes.
+class TelemetrySample(msgspec.Struct, frozen=True, gc=False, tag="sample", tag_field="kind"):
     """One car sample. `run_id` names one replay or live session instance;
     `seq` numbers the car's samples within the run (0, 1, 2, ...)."""
 
@@ -82,7 +84,7 @@ class TelemetrySample(msgspec.Struct, frozen=True, tag="sample", tag_field="kind
     resampled: bool = False
 
 
-class EndOfStream(msgspec.Struct, frozen=True, tag="end", tag_field="kind"):
+class EndOfStream(msgspec.Struct, frozen=True, gc=False, tag="end", tag_field="kind"):
     """Sent to every partition after a run's last sample; `samples` is how many
     samples of the run the producer delivered to that partition."""
 
@@ -135,14 +137,24 @@ def produced_at(message_headers: Any) -> int | None:
     """The `produced_at_us` header as an int (None when absent); a value that is
     not a plausible microsecond timestamp raises BadHeader, as does a `schema`
     header naming another schema."""
-    # One dict per message (the first of repeated names wins, as in header_value):
-    # this runs for every message, and scanning the list per name cost twice as much.
-    found = dict(reversed(message_headers)) if message_headers else {}
-    name = _bytes_or_none(found.get(HEADER_SCHEMA))
+    # This runs for every message. Our producers' headers come in the order
+    # `headers` writes them: read those by position; anything else through one
+    # dict (the first of repeated names wins, as in header_value).
+    if (
+        message_headers
+        and len(message_headers) == 3
+        and message_headers[0][0] == HEADER_SCHEMA
+        and message_headers[2][0] == HEADER_PRODUCED_AT
+        and message_headers[1][0] == HEADER_SOURCE
+    ):
+        name, raw = message_headers[0][1], message_headers[2][1]
+    else:
+        found = dict(reversed(message_headers)) if message_headers else {}
+        name, raw = found.get(HEADER_SCHEMA), found.get(HEADER_PRODUCED_AT)
+    name, raw = _bytes_or_none(name), _bytes_or_none(raw)
     if name is not None and name != _SCHEMA_NAME_BYTES:
         shown = as_text(name[:40])
         raise BadHeader(f"header {HEADER_SCHEMA}={shown!r}: this consumer reads {SCHEMA_NAME}")
-    raw = _bytes_or_none(found.get(HEADER_PRODUCED_AT))
     if raw is None:
         return None
     if not (raw.isdigit() and len(raw) <= 19 and _MIN_DATE_US <= int(raw) <= _MAX_DATE_US):

@@ -30,6 +30,7 @@ met or missed.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -881,6 +882,7 @@ def _decode_loop(loaded: _Loaded) -> dict[str, float]:
     runs_seen: set[str] = set()
     read = batches = 0
     first = first_cpu = 0.0
+    gc.freeze()  # as the consumer does once started (`StreamConsumer.run`)
     last_message = time.monotonic()
     try:
         while read < loaded.on_topic:

@@ -59,6 +59,11 @@ def consumer_config(settings: Settings, member: str, **overrides: Any) -> dict[s
         "fetch.min.bytes": 1,
         "fetch.wait.max.ms": 50,
         "queued.min.messages": 20_000,
+        # librdkafka waits this long before fetching again once a partition's local
+        # queue holds queued.min.messages; its default, 1 s, capped one consumer
+        # reading a whole topic at 46k msg/s where Kafka's own tool read 530k (10 ms:
+        # 456k, measured on the same topic).
+        "fetch.queue.backoff.ms": 10,
         **overrides,
     }
 

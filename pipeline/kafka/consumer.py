@@ -16,6 +16,7 @@ consumer stays in its group; errors the broker or client report are counted.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -227,6 +228,10 @@ class StreamConsumer:
         telemetry_db.ensure_schema(self.settings)
         for scorer in self.scorers or ():
             scorer.start()
+        # What the start loaded (modules, models) lives as long as the process:
+        # frozen, every later collection skips it (full collections of it cost
+        # about a fifth of decoding a batch).
+        gc.freeze()
         self._conn = telemetry_db.connect(self.settings, autocommit=True)
         self._consumer = Consumer(
             consumer_config(self.settings, self.member, error_cb=self._on_error)

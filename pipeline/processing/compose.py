@@ -53,7 +53,6 @@ class Decoded:
     dead: list[tuple[Any, str, str]] = field(default_factory=list)  # message, class, reason
     broker_errors: int = 0
     new_runs: dict[str, tuple[str, str]] = field(default_factory=dict)  # run -> session, source
-    by_position: dict[tuple[int, int], Any] = field(default_factory=dict)
     next_offsets: dict[int, int] = field(default_factory=dict)  # per partition read
 
 
@@ -109,7 +108,6 @@ def decode(
             )
         decoded.samples.append(value)
         decoded.meta.append((partition, offset, produced))
-        decoded.by_position[(partition, offset)] = message
     return decoded
 
 
@@ -213,10 +211,12 @@ def compose(
         columns(decoded.samples, decoded.meta), states, window,
         with_features=bool(scorers), now_us=now_us,
     )  # fmt: skip
-    decoded.dead += [
-        (decoded.by_position[(p, offset)], batch_logic.OUT_OF_BOUNDS, reason)
-        for p, offset, reason in result.rejected
-    ]
+    if result.rejected:  # rare: the message of each refused sample, by its position
+        at = {(m.partition(), m.offset()): m for m in messages if m.error() is None}
+        decoded.dead += [
+            (at[(p, offset)], batch_logic.OUT_OF_BOUNDS, reason)
+            for p, offset, reason in result.rejected
+        ]
     for partition, end in decoded.ends:
         result.windows += batch_logic.end_run(states[partition], end.run_id, window)
     idle_windows, idled = batch_logic.close_idle(states, window, now_us=now_us, caught_up=caught_up)

@@ -100,7 +100,15 @@ class DemoDisturbed(AssertionError):
 def stack() -> Iterator[Settings]:
     ensure_env_file()
     settings = get_settings()
-    started = manager.up(settings)
+    running = {
+        proc.name
+        for service in manager.SERVICES
+        for proc in service.processes(settings)
+        if proc.pid() is not None
+    }
+    # Stopped at the end: what did not run before. A process `up` restarts because
+    # its code changed is the user's, and keeps running.
+    started = [name for name in manager.up(settings) if name not in running]
     before = demo_state(settings)
     problems: list[str] = []
     try:
