@@ -64,6 +64,10 @@ def consumer_config(settings: Settings, member: str, **overrides: Any) -> dict[s
         # reading a whole topic at 46k msg/s where Kafka's own tool read 530k (10 ms:
         # 456k, measured on the same topic).
         "fetch.queue.backoff.ms": 10,
+        # Prefetched messages held by the client, at most (default 64 MB): a batch
+        # takes 5,000 (about 2.4 MB), so 16 MB keeps several ready; the memory
+        # benchmark counted the default's fill as growth.
+        "queued.max.messages.kbytes": 16_384,
         **overrides,
     }
 
