@@ -87,18 +87,21 @@ class Loads:
     sink_repeats: int
     memory_races: int  # 3: three races back to back; 1: one short slice
     memory_slice_s: float | None
+    # Pace of the memory runs (None: unpaced). A short slice unpaced is committed
+    # within a second, before the once-a-second RSS watch sees a first batch.
+    memory_speed: float | None
 
 
 FULL = Loads(
     race_slice_s=None, paced_1x_s=120.0, speeds=(10.0, 20.0, 50.0, 100.0, 200.0),
     speed_seconds=30.0, live_seconds=30.0, e2e_records=2_000, model_batch_rows=5_000,
     model_single_calls=2_000, sink_rows=20_000, sink_repeats=3, memory_races=3,
-    memory_slice_s=None,
+    memory_slice_s=None, memory_speed=None,
 )  # fmt: skip
 QUICK = Loads(
     race_slice_s=60.0, paced_1x_s=10.0, speeds=(10.0, 50.0), speed_seconds=6.0,
     live_seconds=8.0, e2e_records=200, model_batch_rows=1_000, model_single_calls=300,
-    sink_rows=2_000, sink_repeats=1, memory_races=1, memory_slice_s=120.0,
+    sink_rows=2_000, sink_repeats=1, memory_races=1, memory_slice_s=120.0, memory_speed=20.0,
 )  # fmt: skip
 
 
@@ -744,7 +747,9 @@ def memory(ctx: _Context) -> Section:
             watch.start()
             try:
                 produced = [
-                    produce_session(folder, speed=None, run_id=run, settings=scratch, **part)
+                    produce_session(
+                        folder, speed=loads.memory_speed, run_id=run, settings=scratch, **part
+                    )
                     for folder, run in zip(races, runs, strict=True)
                 ]
                 process.wait(3600)
@@ -792,7 +797,9 @@ def memory(ctx: _Context) -> Section:
         signed=signed,
         notes=notes,
         method=(
-            f"{what}, produced unpaced into one scratch topic while one consumer process "
+            f"{what}, produced "
+            + ("unpaced" if loads.memory_speed is None else f"at {loads.memory_speed:g}x")
+            + " into one scratch topic while one consumer process "
             "(`f1 consume --until-run LAST --idle-timeout 120`, models served, no latencies "
             "kept) reads them; its RSS sampled every second with psutil. Start is the RSS "
             "after its first committed batch (imports, models and the first batch's "
