@@ -74,9 +74,6 @@ class Columns(Mapping[str, "np.ndarray"]):
         """A new set of the same arrays (adding a column leaves the original alone)."""
         return Columns(dict(self._data), self._rows, self.int_columns)
 
-    def select(self, names: list[str]) -> Columns:
-        return Columns({n: self._data[n] for n in names}, self._rows, self.int_columns)
-
     @classmethod
     def from_pandas(cls, frame: pd.DataFrame) -> Columns:
         """A DataFrame's columns; nullable integers become float with NaN."""
