@@ -137,21 +137,29 @@ def produced_at(message_headers: Any) -> int | None:
     """The `produced_at_us` header as an int (None when absent); a value that is
     not a plausible microsecond timestamp raises BadHeader, as does a `schema`
     header naming another schema."""
-    # This runs for every message. Our producers' headers come in the order
-    # `headers` writes them: read those by position; anything else through one
-    # dict (the first of repeated names wins, as in header_value).
-    if (
-        message_headers
-        and len(message_headers) == 3
-        and message_headers[0][0] == HEADER_SCHEMA
-        and message_headers[2][0] == HEADER_PRODUCED_AT
-        and message_headers[1][0] == HEADER_SOURCE
-    ):
-        name, raw = message_headers[0][1], message_headers[2][1]
-    else:
-        found = dict(reversed(message_headers)) if message_headers else {}
-        name, raw = found.get(HEADER_SCHEMA), found.get(HEADER_PRODUCED_AT)
-    name, raw = _bytes_or_none(name), _bytes_or_none(raw)
+    # This runs for every message: our producers' headers (in the order `headers`
+    # writes them, with valid values) take one check; anything else, or a value
+    # to refuse, goes through the general path.
+    if message_headers and len(message_headers) == 3:
+        (schema_key, schema_value), (source_key, _), (at_key, at) = message_headers
+        if (
+            schema_key == HEADER_SCHEMA
+            and source_key == HEADER_SOURCE
+            and at_key == HEADER_PRODUCED_AT
+            and schema_value == _SCHEMA_NAME_BYTES
+            and type(at) is bytes
+            and len(at) <= 19
+            and at.isdigit()
+            and _MIN_DATE_US <= (value := int(at)) <= _MAX_DATE_US
+        ):
+            return value
+    return _produced_at_read(message_headers)
+
+
+def _produced_at_read(message_headers: Any) -> int | None:
+    found = dict(reversed(message_headers)) if message_headers else {}  # the first name wins
+    name = _bytes_or_none(found.get(HEADER_SCHEMA))
+    raw = _bytes_or_none(found.get(HEADER_PRODUCED_AT))
     if name is not None and name != _SCHEMA_NAME_BYTES:
         shown = as_text(name[:40])
         raise BadHeader(f"header {HEADER_SCHEMA}={shown!r}: this consumer reads {SCHEMA_NAME}")

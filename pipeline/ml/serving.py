@@ -128,36 +128,46 @@ class ChampionScorer:
             return
         self._checked_at = now
         client = mlflow.MlflowClient(self.settings.mlflow_tracking_uri)
+        roles = [(CHAMPION, self.served)]
+        if self.shadow_challengers:
+            roles.append((CHALLENGER, self.shadow))
         for label in self.labels:
-            self._follow_alias(client, label, CHAMPION, self.served)
-            if self.shadow_challengers:
-                self._follow_alias(client, label, CHALLENGER, self.shadow)
+            # One registry call per model gives both aliases (this runs every
+            # refresh_s beside the hot path: each call costs milliseconds of CPU).
+            name = registered_name(label, self.settings)
+            try:
+                aliases = dict(client.get_registered_model(name).aliases)
+            except Exception as err:
+                code = getattr(err, "error_code", None)
+                if code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    for alias, store in roles:  # MLflow down (a refused connection too)
+                        served = store.get(label)
+                        self._warn_once(
+                            f"{label}:{alias}:unreachable",
+                            f"cannot reach the MLflow registry for {name} ({err}); "
+                            + (f"still serving v{served.version}" if served else "serving nothing"),
+                        )
+                    continue
+                aliases = {}  # no such model yet
+            for alias, store in roles:
+                self._follow_alias(label, alias, aliases.get(alias), store)
 
-    def _follow_alias(self, client: Any, label: str, alias: str, store: dict[str, Served]) -> None:
+    def _follow_alias(
+        self, label: str, alias: str, version: str | None, store: dict[str, Served]
+    ) -> None:
         from mlflow.exceptions import MlflowException
 
         name = registered_name(label, self.settings)
-        try:
-            version = str(client.get_model_version_by_alias(name, alias).version)
-        except Exception as err:
-            code = getattr(err, "error_code", None)
-            if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-                store.pop(label, None)  # the alias was removed: stop serving it
-                if alias == CHAMPION:
-                    self._warn_once(
-                        label,
-                        f"no {CHAMPION} for {name} yet ({code}): its predictions stay "
-                        "empty; run `f1 train` or the f1_train DAG",
-                    )
-            else:  # MLflow down (the client wraps a refused connection too)
-                served = store.get(label)
+        self._warned.discard(f"{label}:{alias}:unreachable")  # reached again: say so next time
+        if version is None:
+            store.pop(label, None)  # the alias was removed: stop serving it
+            if alias == CHAMPION:
                 self._warn_once(
-                    f"{label}:{alias}:unreachable",
-                    f"cannot reach the MLflow registry for {name} ({err}); "
-                    + (f"still serving v{served.version}" if served else "serving nothing"),
+                    label,
+                    f"no {CHAMPION} for {name} yet: its predictions stay empty; "
+                    "run `f1 train` or the f1_train DAG",
                 )
             return
-        self._warned.discard(f"{label}:{alias}:unreachable")  # reached again: say so next time
         current = store.get(label)
         if current and current.version == version:
             return

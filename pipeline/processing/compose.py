@@ -67,6 +67,10 @@ def decode(
     end markers, and the dead (with their class and reason). Messages of
     partitions no longer `assigned` are left to their new owner."""
     decoded = Decoded()
+    # Names bound once: this loop runs for every message, and attribute lookups
+    # were a third of its cost.
+    samples, meta, next_offsets = decoded.samples, decoded.meta, decoded.next_offsets
+    decode_value, produced_at, new_runs = schema.decode, schema.produced_at, decoded.new_runs
     for message in messages:
         if message.error() is not None:  # counted; the client retries by itself
             decoded.broker_errors += 1
@@ -75,15 +79,15 @@ def decode(
         partition, offset = message.partition(), message.offset()
         if partition is None or offset is None or partition not in assigned:
             continue  # revoked during this poll: its new owner reads it again
-        decoded.next_offsets[partition] = offset + 1
+        next_offsets[partition] = offset + 1
         raw = message.value() or b""
         if len(raw) > max_message_bytes:
             reason = f"{len(raw)} bytes, over the {max_message_bytes}-byte limit"
             decoded.dead.append((message, "oversized", reason))
             continue
         try:
-            produced = schema.produced_at(message.headers())
-            value = schema.decode(raw)
+            produced = produced_at(message.headers())
+            value = decode_value(raw)
         except schema.BadHeader as err:
             decoded.dead.append((message, "bad_header", str(err)))
             continue
@@ -100,14 +104,15 @@ def decode(
         if isinstance(value, schema.EndOfStream):
             decoded.ends.append((partition, value))
             continue
-        if value.run_id not in runs_seen and value.run_id not in decoded.new_runs:
+        run_id = value.run_id
+        if run_id not in runs_seen and run_id not in new_runs:
             source = schema.header_value(message.headers(), schema.HEADER_SOURCE)
-            decoded.new_runs[value.run_id] = (
+            new_runs[run_id] = (
                 value.session_key,
                 schema.as_text(source[:100]) if source else "unknown",
             )
-        decoded.samples.append(value)
-        decoded.meta.append((partition, offset, produced))
+        samples.append(value)
+        meta.append((partition, offset, produced))
     return decoded
 
 

@@ -19,7 +19,7 @@ consumers' transactions cannot wait on each other's rows in a cycle.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -247,6 +247,11 @@ class PartitionCommit:
     state: bytes
 
 
+# Given the rows skipped per table, the batch's metrics row and the live page's
+# notice (None: no notice): written by the batch's own transaction.
+BatchMetrics = Callable[[dict[str, int]], tuple[dict[str, Any], bytes | None]]
+
+
 def commit_batch(
     conn: psycopg.Connection,
     *,
@@ -260,12 +265,17 @@ def commit_batch(
     partitions: list[PartitionCommit],
     extra_tables: Mapping[str, pd.DataFrame | Columns] | None = None,
     new_runs: Sequence[tuple[str, str, str]] = (),
+    metrics: BatchMetrics | None = None,
+    live_channel: str = "",
 ) -> dict[str, int]:
     """Write one batch's rows, offsets and state atomically (or raise Fenced).
     `new_runs`: (run_id, session_key, source) of runs this consumer has not seen
     before, recorded with the topic (so scratch runs are found and removed even
-    when no producer of ours registered them). Returns, per table, the rows
-    skipped because their key was already stored."""
+    when no producer of ours registered them). `metrics` gives the batch's
+    metrics row and live notice once its rows are written, and they go in the
+    same transaction (one commit per batch; listeners hear of the rows as they
+    become visible). Returns, per table, the rows skipped because their key was
+    already stored."""
     import psycopg
 
     tables: list[tuple[str, Sequence[str], Any]] = []
@@ -280,7 +290,7 @@ def commit_batch(
     for table, rows in (extra_tables or {}).items():  # e.g. the models' predictions
         if len(rows):
             tables.append((table, list(rows.columns), rows))
-    batch = (group_id, topic, partitions, new_runs, tables, run_ends)
+    batch = (group_id, topic, partitions, new_runs, tables, run_ends, metrics, live_channel)
     try:
         return _write_batch(conn, *batch, skip_stored=False)
     except psycopg.errors.UniqueViolation:
@@ -297,6 +307,8 @@ def _write_batch(
     new_runs: Sequence[tuple[str, str, str]],
     tables: list[tuple[str, Sequence[str], Any]],
     run_ends: list[tuple[str, int, int]],
+    metrics: BatchMetrics | None,
+    live_channel: str,
     *,
     skip_stored: bool,
 ) -> dict[str, int]:
@@ -323,6 +335,22 @@ def _write_batch(
             )
         if tables:
             skipped = _copy_tables(conn, tables, skip_stored=skip_stored)
+        skipped = {table: n for table, n in skipped.items() if n}
+        if run_ends or metrics is not None:
+            _finish_batch(conn, run_ends, metrics, skipped, live_channel)
+    return skipped
+
+
+def _finish_batch(
+    conn: psycopg.Connection,
+    run_ends: list[tuple[str, int, int]],
+    metrics: BatchMetrics | None,
+    skipped: dict[str, int],
+    live_channel: str,
+) -> None:
+    """The statements after the COPYs, in one round trip: the run ends, the
+    metrics row and the live notice (delivered when the batch commits)."""
+    with conn.pipeline():
         if run_ends:  # a retried producer ends its run again: the latest count wins
             conn.cursor().executemany(
                 "INSERT INTO stream_run_ends (run_id, topic_partition, samples) "
@@ -330,7 +358,9 @@ def _write_batch(
                 "DO UPDATE SET samples = EXCLUDED.samples, committed_at = now()",
                 run_ends,
             )
-    return {table: n for table, n in skipped.items() if n}
+        if metrics is not None:
+            row, notice = metrics(skipped)
+            record_metrics(conn, row, (live_channel, notice) if notice else None)
 
 
 def _window_values(window: dict[str, Any]) -> tuple[Any, ...]:

@@ -51,7 +51,12 @@ def test_a_nul_in_a_text_is_refused() -> None:
     [([("produced_at_us", b"soon")], "not a wall-clock time"),
      ([("produced_at_us", b"-5")], "not a wall-clock time"),
      ([("produced_at_us", b"9" * 40)], "not a wall-clock time"),
-     ([("schema", b"f1.telemetry.v9")], "this consumer reads f1.telemetry.v1")],
+     ([("schema", b"f1.telemetry.v9")], "this consumer reads f1.telemetry.v1"),
+     # Our producers' layout (the fast path) with a value to refuse:
+     ([*schema.headers("x", 1)[:2], ("produced_at_us", b"soon")], "not a wall-clock time"),
+     (schema.headers("x", 1), "not a wall-clock time"),
+     ([("schema", b"f1.telemetry.v9"), *schema.headers("x", 1_764_576_000_000_000)[1:]],
+      "this consumer reads f1.telemetry.v1")],
 )  # fmt: skip
 def test_bad_headers_are_refused_with_the_reason(
     headers: list[tuple[str, bytes]], message: str
@@ -63,4 +68,8 @@ def test_bad_headers_are_refused_with_the_reason(
 def test_good_or_missing_headers_pass() -> None:
     assert schema.produced_at(schema.headers("x", 1_764_576_000_000_000)) == 1_764_576_000_000_000
     assert schema.produced_at(None) is None
+    at = 1_764_576_000_000_000
+    assert schema.produced_at(schema.headers("x", at)[::-1]) == at  # any order
+    repeated = [("produced_at_us", str(at + 1).encode()), *schema.headers("x", at)]
+    assert schema.produced_at(repeated) == at + 1  # the first of a repeated name wins
     assert schema.as_text(b"a\x00\xffb") == "a\ufffd\ufffdb"
