@@ -30,7 +30,6 @@ met or missed.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import platform
@@ -878,6 +877,7 @@ def _decode_loop(loaded: _Loaded) -> dict[str, float]:
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     from pipeline.kafka.client import consumer_config
+    from pipeline.kafka.consumer import tune_gc
     from pipeline.processing import compose
 
     settings = loaded.settings
@@ -889,7 +889,7 @@ def _decode_loop(loaded: _Loaded) -> dict[str, float]:
     runs_seen: set[str] = set()
     read = batches = 0
     first = first_cpu = 0.0
-    gc.freeze()  # as the consumer does once started (`StreamConsumer.run`)
+    tune_gc()  # as the consumer does once started (`StreamConsumer.run`)
     last_message = time.monotonic()
     try:
         while read < loaded.on_topic:
