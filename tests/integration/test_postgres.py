@@ -44,3 +44,58 @@ def test_each_role_owns_its_database_and_no_other(stack: Settings, role: str) ->
     other = "telemetry" if role != "telemetry" else "airflow"
     with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
         psycopg.connect(stack.postgres_url(role, database=other)).close()
+
+
+def test_a_batch_commits_its_metrics_and_live_notice_with_its_rows_or_none(
+    stack: Settings,
+) -> None:
+    """The metrics row and the NOTIFY are in the batch's transaction: committed with
+    it, and gone with it when the batch is fenced (a scratch group, topic and
+    channel; their rows removed afterwards)."""
+    from pipeline.sinks import telemetry_db
+
+    group, topic = f"test-sink-{uuid.uuid4().hex[:8]}", f"test-sink-{uuid.uuid4().hex[:8]}"
+    channel = f"test_sink_{uuid.uuid4().hex[:8]}"
+    asked: list[dict[str, int]] = []
+
+    def metrics(skipped: dict[str, int]) -> tuple[dict[str, object], bytes]:
+        asked.append(skipped)
+        row = {
+            "group_id": group, "consumer": "test", "partitions": [0], "messages": 0,
+            "samples": 0, "duplicates": 0, "late": 0, "anomalies": 0, "windows": 0,
+            "dead_letters": 0, "batch_seconds": 0.001, "messages_per_s": 0.0,
+        }  # fmt: skip
+        return row, f'{{"batch": {len(asked)}}}'.encode()
+
+    def commit(conn: psycopg.Connection, epoch: int) -> None:
+        telemetry_db.commit_batch(
+            conn, group_id=group, topic=topic, samples=[], events=[], windows=[],
+            dead_letters=[], run_ends=[],
+            partitions=[telemetry_db.PartitionCommit(0, len(asked) + 1, epoch, b"")],
+            metrics=metrics, live_channel=channel,
+        )  # fmt: skip
+
+    def stored(conn: psycopg.Connection) -> int:
+        row = conn.execute("SELECT count(*) FROM stream_metrics WHERE group_id = %s", (group,))
+        return int(row.fetchone()[0])  # type: ignore[index]
+
+    with (
+        telemetry_db.connect(stack, autocommit=True) as conn,
+        telemetry_db.connect(stack, autocommit=True) as listener,
+    ):
+        try:
+            listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            first = telemetry_db.claim_partitions(conn, group, topic, [0])[0].epoch
+            commit(conn, first)
+            assert stored(conn) == 1 and asked == [{}]
+            heard = [n.payload for n in listener.notifies(timeout=5, stop_after=1)]
+            assert heard == ['{"batch": 1}']
+
+            telemetry_db.claim_partitions(conn, group, topic, [0])  # another owner now
+            with pytest.raises(telemetry_db.Fenced):
+                commit(conn, first)
+            assert stored(conn) == 1  # the fenced batch left no metrics row
+            assert list(listener.notifies(timeout=1)) == []  # and told nobody
+        finally:
+            conn.execute("DELETE FROM stream_metrics WHERE group_id = %s", (group,))
+            conn.execute("DELETE FROM consumer_offsets WHERE group_id = %s", (group,))
