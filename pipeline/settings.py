@@ -106,6 +106,12 @@ class Settings(BaseSettings):
         description="Longest wait for a batch's first message; a batch then takes what "
         "has arrived without waiting (so this does not add latency).",
     )
+    stream_commit_overlap: bool = Field(
+        True,
+        description="Compose the next batch while the previous one commits (one batch in "
+        "flight at most, committed in order); false: each batch commits before the next "
+        "is read.",
+    )
     window_s: float = Field(3.0, gt=0, description="Tumbling window length, event time.")
     allowed_lateness_s: float = Field(
         2.0, ge=0, description="How long a window waits for late samples after its end."

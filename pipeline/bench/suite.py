@@ -700,7 +700,7 @@ def sink(ctx: _Context) -> Section:
         method=(
             f"{n:,} rows of the race from its start, through the consumer's decode and "
             "processing (`compose.columns`, `batch.process`), written as `commit_batch` writes "
-            "them: `sample_rows` then `_copy` (CSV by Arrow, `csv_bytes`, one COPY) in a "
+            "them: `sample_rows` then `_copy` (binary COPY encoded from Arrow, `binary_copy`) in a "
             "transaction; against `sample_rows`, the rows as Python tuples and "
             "`executemany` of one INSERT per row (psycopg pipelines them) in a transaction. "
             "Both into TEMP tables created LIKE telemetry_samples with its keys and indexes, "

@@ -21,7 +21,9 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -114,11 +116,18 @@ class StreamConsumer:
         self._conn: psycopg.Connection | None = None
         self._consumer: Consumer | None = None
         self._dead_letter_producer: Producer | None = None
+        # The batch being committed while the next one is composed (at most one;
+        # batches commit in order, on one connection): its result is the
+        # bookkeeping to do once it has committed.
+        self._committer: ThreadPoolExecutor | None = None
+        self._in_flight: _InFlight | None = None
+        self._fenced: telemetry_db.Fenced | None = None  # found in a rebalance callback
 
     # --- group membership --------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         from confluent_kafka import OFFSET_BEGINNING
 
+        self._settle(in_callback=True)  # claims read what the batch in flight stores
         claims = self._with_database(
             "claiming partitions",
             lambda conn: telemetry_db.claim_partitions(
@@ -149,7 +158,9 @@ class StreamConsumer:
             return batch_logic.PartitionState()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Every finished batch is already committed: just forget the state.
+        # The batch in flight commits (or is fenced) before the partitions go:
+        # then every finished batch is stored, and the state can be forgotten.
+        self._settle(in_callback=True)
         for tp in partitions:
             self.states.pop(tp.partition, None)
             self.epochs.pop(tp.partition, None)
@@ -229,6 +240,7 @@ class StreamConsumer:
         for scorer in self.scorers or ():
             scorer.start()
         tune_gc()
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix=f"{self.member}-commit")
         self._conn = telemetry_db.connect(self.settings, autocommit=True)
         self._consumer = Consumer(
             consumer_config(self.settings, self.member, error_cb=self._on_error)
@@ -248,6 +260,8 @@ class StreamConsumer:
                     break
                 if until_run and now - last_check > 1.0:
                     last_check = now
+                    if not self._settle():  # the batch in flight may end the run
+                        continue
                     ended = self._with_database(
                         "checking the run",
                         lambda conn: telemetry_db.partitions_ended(conn, until_run),
@@ -256,6 +270,10 @@ class StreamConsumer:
                         self.report.stop_reason = f"run {until_run} complete"
                         break
                 messages = self._next_batch()
+                if self._fenced is not None:  # found by a rebalance callback
+                    fenced, self._fenced = self._fenced, None
+                    self._rejoin(fenced)
+                    continue
                 if not messages:
                     if now - last_idle_check > 1.0:  # cars of a run that stopped sending
                         last_idle_check = now
@@ -269,7 +287,12 @@ class StreamConsumer:
                 self._handle(messages)
             else:
                 self.report.stop_reason = "stop requested"
+            self._settle()  # the last batch commits before the consumer leaves
         finally:
+            if self._in_flight is not None:  # leaving on an error: let the commit end first
+                wait_for([self._in_flight.commit])
+            self._committer.shutdown()
+            self._committer = None
             self.report.seconds = time.monotonic() - started
             self._consumer.close()  # leaves the group: partitions move on at once
             self._dead_letter_producer.flush(10)
@@ -291,7 +314,7 @@ class StreamConsumer:
     def _close_idle_cars(self) -> None:
         """With nothing to read: close the windows of cars that went silent, and
         commit that (rows and state only; the offsets stay as they are)."""
-        if not self.states:
+        if not self.states or not self._settle():
             return
         lags = self._lags()
         caught_up = {p for p, lag in lags.items() if lag == 0}
@@ -363,6 +386,7 @@ class StreamConsumer:
         new_runs = [(run, *where) for run, where in decoded.new_runs.items()]
         produced = np.array([m[2] for m in decoded.meta if m[2] is not None], dtype=np.int64)
         known_lags = list(lags.values())
+        owned = sorted(self.states)
         broker_errors = decoded.broker_errors + self._client_errors
         state_resets = self._pending_resets
 
@@ -389,7 +413,7 @@ class StreamConsumer:
                 "consumer": self.member,
                 # The batch's main session, so dashboards can filter health by session.
                 "session_key": _main_session(result.columns["session_key"]),
-                "partitions": sorted(self.states),
+                "partitions": owned,
                 "messages": len(messages),
                 "samples": len(result.columns) - clashed,
                 "duplicates": result.duplicates + clashed,
@@ -409,9 +433,12 @@ class StreamConsumer:
             }
             return row, update
 
+        run_ends = [(e.run_id, p, e.samples) for p, e in decoded.ends]
         faults.point(self.settings, faults.BEFORE_COMMIT)
         deadline = time.monotonic() + self.settings.db_retry_s  # one budget per batch
-        try:
+
+        def commit() -> Callable[[], None]:
+            # On the commit thread, while the next batch is composed.
             skipped = self._with_database(
                 "committing a batch",
                 lambda conn: telemetry_db.commit_batch(
@@ -422,7 +449,7 @@ class StreamConsumer:
                     events=result.events,
                     windows=result.windows,
                     dead_letters=dead_rows,
-                    run_ends=[(e.run_id, p, e.samples) for p, e in decoded.ends],
+                    run_ends=run_ends,
                     partitions=commits,
                     extra_tables=scored,
                     new_runs=new_runs,
@@ -431,16 +458,62 @@ class StreamConsumer:
                 ),
                 deadline=deadline,
             )
-        except telemetry_db.Fenced as err:
-            self._rejoin(err)
-            return
-        committed_us = time.time_ns() // 1000
-        faults.point(self.settings, faults.AFTER_COMMIT)
+            committed_us = time.time_ns() // 1000
+            faults.point(self.settings, faults.AFTER_COMMIT)
+            return lambda: self._account(
+                batch, len(messages), skipped, produced, committed_us, broker_errors
+            )
+
+        # The next batch is composed on what this one leaves (its offsets, its
+        # runs); should this one be fenced, the consumer rejoins and drops both.
         self.offsets.update(next_offsets)
         self._runs_seen.update(decoded.new_runs)
-        # Counted while the batch committed: left for the next batch's row.
-        self._client_errors -= broker_errors - decoded.broker_errors
+        # Counted in this batch's row: the next batch's row counts what comes after.
+        client_errors = broker_errors - decoded.broker_errors
+        self._client_errors -= client_errors
         self._pending_resets -= state_resets
+        if not self._settle():  # the batch before was fenced: this one is void too
+            self._client_errors += client_errors
+            self._pending_resets += state_resets
+            return
+        assert self._committer is not None
+        self._in_flight = _InFlight(self._committer.submit(commit), client_errors, state_resets)
+        if not self.settings.stream_commit_overlap:
+            self._settle()
+
+    def _settle(self, *, in_callback: bool = False) -> bool:
+        """Wait for the batch in flight to commit, and do its bookkeeping. False
+        if it was fenced: the consumer has rejoined (or, in a rebalance
+        callback, will rejoin when the poll returns). A database that stayed
+        unreachable raises DatabaseUnavailable here."""
+        if self._in_flight is None:
+            return True
+        in_flight, self._in_flight = self._in_flight, None
+        try:
+            account = in_flight.commit.result()
+        except telemetry_db.Fenced as err:
+            # Its counts go in the next row that commits.
+            self._client_errors += in_flight.client_errors
+            self._pending_resets += in_flight.state_resets
+            if in_callback:  # no rejoining inside the client's callback
+                self._fenced = err
+            else:
+                self._rejoin(err)
+            return False
+        account()
+        return True
+
+    def _account(
+        self,
+        batch: compose.ComposedBatch,
+        messages: int,
+        skipped: dict[str, int],
+        produced: Any,
+        committed_us: int,
+        broker_errors: int,
+    ) -> None:
+        """The report, once a batch has committed."""
+        decoded, result = batch.decoded, batch.result
         # Samples whose key was stored already are duplicates like any resend.
         clashed_samples = skipped.get("telemetry_samples", 0)
         clashes = sum(skipped.values())
@@ -448,12 +521,13 @@ class StreamConsumer:
             log.warning("%s: %d rows already stored were skipped (%s samples)",
                         self.member, clashes, clashed_samples)  # fmt: skip
         r = self.report
+        assert self._first_message is not None
         r.busy_seconds = time.perf_counter() - self._first_message
         r.cpu_seconds = time.process_time() - self._first_cpu
         if self.keep_latencies:  # the benchmarks' figure: produce to the COMMIT's return
             r.latencies_ms += ((committed_us - produced) / 1000.0).tolist()
         r.batches += 1
-        r.messages += len(messages)
+        r.messages += messages
         r.samples += len(result.columns) - clashed_samples
         r.dead_letters += len(decoded.dead)
         r.duplicates += result.duplicates + clashed_samples
@@ -533,6 +607,16 @@ class DatabaseUnavailable(RuntimeError):
 
 class DeadLettersUndelivered(RuntimeError):
     pass
+
+
+@dataclass
+class _InFlight:
+    """A batch being committed, and the client errors and state resets its
+    metrics row counts (counted again in the next row should it be fenced)."""
+
+    commit: Future[Callable[[], None]]
+    client_errors: int
+    state_resets: int
 
 
 @dataclass

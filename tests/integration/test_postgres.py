@@ -46,6 +46,56 @@ def test_each_role_owns_its_database_and_no_other(stack: Settings, role: str) ->
         psycopg.connect(stack.postgres_url(role, database=other)).close()
 
 
+def test_the_sinks_binary_copy_stores_what_the_columns_hold(stack: Settings) -> None:
+    """`_copy` as the consumer writes a batch (binary COPY from Arrow), from `Columns`
+    and from a DataFrame of the same rows: nullable integers stay integers, NULL
+    and the empty string stay apart, naive times are UTC, lists become arrays,
+    each value in its column's width (a TEMP table, gone with the connection)."""
+    import datetime as dt
+
+    import numpy as np
+
+    from pipeline.processing.columns import Columns
+    from pipeline.sinks import telemetry_db
+
+    table = f"binary_copy_check_{uuid.uuid4().hex[:8]}"
+    batch = Columns(
+        {
+            "lap": np.array([1.0, np.nan, 3.0]),  # a nullable integer, float with NaN
+            "driver": np.array(["VER", None, ""], dtype=object),
+            "at": np.array([0, 1_000_000, 2_500_000]).astype("datetime64[us]"),
+            "speed": np.array([291.5, 0.0, 1.25]),
+            "seq": np.array([7, 8, 2**40]),
+            "flag": np.array([True, False, None], dtype=object),
+            "reasons": np.array([["rpm_outlier", "sample_gap"], None, []], dtype=object),
+        },
+        3,
+        frozenset({"lap"}),
+    )
+    columns = list(batch.columns)
+    utc = dt.UTC
+    expected = [
+        (1, "VER", dt.datetime(1970, 1, 1, tzinfo=utc), 291.5, 7, True,
+         ["rpm_outlier", "sample_gap"]),
+        (None, None, dt.datetime(1970, 1, 1, 0, 0, 1, tzinfo=utc), 0.0, 8, False, None),
+        (3, "", dt.datetime(1970, 1, 1, 0, 0, 2, 500_000, tzinfo=utc), 1.25, 2**40, None, []),
+    ]  # fmt: skip
+    with telemetry_db.connect(stack, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE TEMP TABLE {} (lap smallint, driver text, at timestamptz, speed real, "
+                "seq bigint, flag boolean, reasons text[])"
+            ).format(sql.Identifier(table))
+        )
+        for rows in (batch, batch.to_pandas()):
+            with conn.transaction():
+                telemetry_db._copy(conn, table, columns, rows)
+            stored = conn.execute(
+                sql.SQL("DELETE FROM {} RETURNING *").format(sql.Identifier(table))
+            ).fetchall()
+            assert sorted(stored, key=lambda row: row[2]) == expected
+
+
 def test_a_batch_commits_its_metrics_and_live_notice_with_its_rows_or_none(
     stack: Settings,
 ) -> None:

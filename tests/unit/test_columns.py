@@ -1,4 +1,5 @@
-"""The hot path's frame (`pipeline.processing.columns`) and the sink's CSV of it."""
+"""The hot path's frame (`pipeline.processing.columns`); the sink's binary COPY of
+it is tested against PostgreSQL in tests/integration/test_postgres.py."""
 
 from __future__ import annotations
 
@@ -44,11 +45,8 @@ def test_columns_round_trip_through_pandas_with_nullable_integers_and_utc_times(
     np.testing.assert_array_equal(back["lap_number"], [1.0, np.nan, 3.0])
 
 
-def test_the_sinks_csv_writes_integers_nulls_and_utc_times_as_postgresql_reads_them() -> None:
-    written = telemetry_db.csv_bytes(laps(), ["lap_number", "driver", "at"]).decode()
-    rows = written.splitlines()
-    assert rows[0] == '1,"VER",1970-01-01 00:00:00.000000Z'  # 1, not 1.0; UTC marked
-    assert rows[1] == ",,1970-01-01 00:00:01.000000Z"  # NULLs: empty and unquoted
-    assert rows[2] == '3,"LEC",1970-01-01 00:00:02.500000Z'
-    same = telemetry_db.csv_bytes(laps().to_pandas(), ["lap_number", "driver", "at"]).decode()
-    assert same == written  # a DataFrame of the same rows writes the same CSV
+def test_the_sinks_binary_copy_refuses_a_column_type_it_cannot_encode() -> None:
+    with pytest.raises(TypeError, match="column at is interval, which the sink cannot COPY"):
+        telemetry_db.binary_copy(
+            laps(), ["lap_number", "at"], {"lap_number": "smallint", "at": "interval"}
+        )
