@@ -4,7 +4,8 @@ It does the Kafka and transaction I/O. Per batch: poll what has arrived;
 `pipeline.processing.compose` turns it into rows (decode and validate every
 message, the per-car logic, the models' scores); send the bad messages to the
 dead-letter topic with their reason; then write rows, offsets and per-car state
-to PostgreSQL in one transaction. On assignment a partition's
+to PostgreSQL in one transaction, on a commit thread while the next batch is
+composed (one batch in flight at most, committed in order). On assignment a partition's
 offset and state are read back from PostgreSQL, so a crash or a rebalance
 neither loses nor doubles a row.
 
@@ -16,6 +17,7 @@ consumer stays in its group; errors the broker or client report are counted.
 
 from __future__ import annotations
 
+import datetime as dt
 import gc
 import logging
 import threading
@@ -409,6 +411,9 @@ class StreamConsumer:
                 committed_us=written_us,
             )
             row = {
+                # When its rows were written (not the transaction's start, now()):
+                # with batch_seconds, the span the consumer worked on the batch.
+                "recorded_at": dt.datetime.fromtimestamp(written_us / 1e6, dt.UTC),
                 "group_id": self.group,
                 "consumer": self.member,
                 # The batch's main session, so dashboards can filter health by session.

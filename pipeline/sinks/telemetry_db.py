@@ -329,7 +329,7 @@ def commit_batch(
     if len(events):
         tables.append(("anomaly_events", EVENT_COLUMNS, _with_event_time(events)))
     if windows:
-        tables.append(("telemetry_windows", WINDOW_COLUMNS, [_window_values(w) for w in windows]))
+        tables.append(("telemetry_windows", WINDOW_COLUMNS, _window_columns(windows)))
     if dead_letters:
         tables.append(("dead_letters", DEAD_LETTER_COLUMNS, dead_letters))
     for table, rows in (extra_tables or {}).items():  # e.g. the models' predictions
@@ -408,13 +408,20 @@ def _finish_batch(
             record_metrics(conn, row, (live_channel, notice) if notice else None)
 
 
-def _window_values(window: dict[str, Any]) -> tuple[Any, ...]:
-    import datetime as dt
+def _window_columns(windows: list[dict[str, Any]]) -> Columns:
+    """Closed windows (dicts, a few per car and batch) as columns, for binary COPY."""
+    import numpy as np
 
-    start = dt.datetime.fromtimestamp(window["window_start_us"] / 1e6, tz=dt.UTC)
-    end = dt.datetime.fromtimestamp(window["window_end_us"] / 1e6, tz=dt.UTC)
-    values = {**window, "window_start": start, "window_end": end}
-    return tuple(values[c] for c in WINDOW_COLUMNS)
+    from pipeline.processing.columns import Columns
+
+    rows = {
+        name: np.array([w[name] for w in windows])
+        for name in WINDOW_COLUMNS
+        if name not in ("window_start", "window_end")
+    }
+    for edge in ("window_start", "window_end"):
+        rows[edge] = np.array([w[f"{edge}_us"] for w in windows], dtype="datetime64[us]")
+    return Columns(rows, len(windows))
 
 
 def record_metrics(

@@ -132,12 +132,12 @@ def _epochs(settings: Settings) -> dict[int, int]:
 def _overlaps(batches: pd.DataFrame) -> list[str]:
     """Batches of two different consumers on one partition at the same time.
 
-    A batch's span is [recorded_at - batch_seconds, recorded_at]. batch_seconds is
-    how long the consumer handled it, from decoding to just after its commit;
-    recorded_at is when its metrics row was written, after that. So the span
-    starts no earlier than the batch did and ends as the consumer finished with
-    it: both consumers were busy with their batches during an overlap found here
-    (a tiny one may be missed, none is invented). `partitions` is what the
+    A batch's span is [recorded_at - batch_seconds, recorded_at]: recorded_at is
+    when its rows were written, just before its COMMIT, and batch_seconds how long
+    the consumer had then handled it, from decoding on. So the span is when the
+    consumer worked on the batch (its COMMIT a moment later): both consumers were
+    busy with their batches during an overlap found here (a tiny one may be
+    missed, none is invented). `partitions` is what the
     consumer owned then; it cannot change within a batch (rebalances are served
     only while polling, between batches)."""
     spans = sorted(
