@@ -25,7 +25,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -291,9 +290,7 @@ class StreamConsumer:
                 self.report.stop_reason = "stop requested"
             self._settle()  # the last batch commits before the consumer leaves
         finally:
-            if self._in_flight is not None:  # leaving on an error: let the commit end first
-                wait_for([self._in_flight.commit])
-            self._committer.shutdown()
+            self._committer.shutdown()  # leaving on an error: a commit running ends first
             self._committer = None
             self.report.seconds = time.monotonic() - started
             self._consumer.close()  # leaves the group: partitions move on at once
@@ -473,14 +470,12 @@ class StreamConsumer:
         # runs); should this one be fenced, the consumer rejoins and drops both.
         self.offsets.update(next_offsets)
         self._runs_seen.update(decoded.new_runs)
+        if not self._settle():  # the batch before was fenced: this one is void too
+            return
         # Counted in this batch's row: the next batch's row counts what comes after.
         client_errors = broker_errors - decoded.broker_errors
         self._client_errors -= client_errors
         self._pending_resets -= state_resets
-        if not self._settle():  # the batch before was fenced: this one is void too
-            self._client_errors += client_errors
-            self._pending_resets += state_resets
-            return
         assert self._committer is not None
         self._in_flight = _InFlight(self._committer.submit(commit), client_errors, state_resets)
         if not self.settings.stream_commit_overlap:

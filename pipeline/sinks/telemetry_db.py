@@ -168,9 +168,9 @@ def binary_copy(
     from pgpq import ArrowToPostgresBinaryEncoder
 
     ints: frozenset[str] = getattr(frame, "int_columns", frozenset())
-    arrays = []
-    for name in columns:
-        arrays.append(_arrow(frame[name], name, ints).cast(_arrow_type(types[name], name)))
+    arrays = [
+        _arrow(frame[name], name, ints).cast(_arrow_type(types[name], name)) for name in columns
+    ]
     table = pa.Table.from_arrays(arrays, names=list(columns))
     encoder = ArrowToPostgresBinaryEncoder(table.schema)
     parts = [encoder.write_header()]
