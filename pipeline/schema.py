@@ -25,6 +25,7 @@ consumer's processing (`pipeline.processing.batch`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import msgspec
@@ -123,6 +124,15 @@ def decode(raw: bytes) -> Message:
     return decoded
 
 
+def decode_many(raws: Sequence[bytes]) -> list[Message]:
+    """`decode` of each, the NUL check over all of them at once; raises as
+    `decode` does, for the first message that fails."""
+    if any([b"\\u0000" in raw for raw in raws]):
+        raise HoldsNul("a text holds a NUL character (\\u0000), which PostgreSQL cannot store")
+    decode_value = _decoder.decode
+    return [decode_value(raw) for raw in raws]
+
+
 def is_out_of_bounds(error: msgspec.ValidationError) -> bool:
     """A value of the right type outside the schema's bounds (vs a wrong type or
     a missing field): msgspec says `Expected `int` <= 255` or `length <= 64`."""
@@ -154,6 +164,35 @@ def produced_at(message_headers: Any) -> int | None:
         ):
             return value
     return _produced_at_read(message_headers)
+
+
+def produced_at_many(many_headers: Sequence[Any]) -> list[int] | None:
+    """`produced_at` of each message's headers when every one is as our producers
+    write them (checked over the batch at once), else None: `produced_at` of
+    each then says which is wrong, or that a header is absent."""
+    try:
+        times = [
+            at
+            for (schema_key, schema_value), (source_key, _), (at_key, at) in many_headers
+            if schema_key == HEADER_SCHEMA
+            and schema_value == _SCHEMA_NAME_BYTES
+            and source_key == HEADER_SOURCE
+            and at_key == HEADER_PRODUCED_AT
+        ]
+        digits = b"".join(times)  # TypeError unless every value is bytes
+    except (TypeError, ValueError):  # no headers, or not these three
+        return None
+    if (
+        len(times) != len(many_headers)
+        or not all(times)  # an empty value among digits
+        or not digits.isdigit()
+        or max(map(len, times)) > 19
+    ):
+        return None
+    values = list(map(int, times))
+    if min(values) < _MIN_DATE_US or max(values) > _MAX_DATE_US:
+        return None
+    return values
 
 
 def _produced_at_read(message_headers: Any) -> int | None:

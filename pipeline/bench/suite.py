@@ -907,7 +907,7 @@ def _decode_loop(loaded: _Loaded) -> dict[str, float]:
                 messages, assigned=assigned, runs_seen=runs_seen,
                 max_message_bytes=settings.max_message_bytes,
             )  # fmt: skip
-            compose.columns(decoded.samples, decoded.meta)
+            compose.columns(decoded)
             runs_seen.update(decoded.new_runs)
             read += len(messages)
             batches += 1
@@ -1051,7 +1051,7 @@ def _processed_rows(ctx: _Context, rows: int) -> Columns:
         for v in zip(*(columns[f] for f in schema.SAMPLE_FIELDS), strict=True)
     ]
     now_us = time.time_ns() // 1000
-    frame = compose.columns(structs, [(0, i, now_us) for i in range(len(structs))])
+    frame = compose.columns(compose.Decoded.of(structs, produced_at_us=now_us))
     window = StreamConsumer("bench-sink", settings=ctx.settings, scorers=[]).window
     result = batch_logic.process(frame, {0: batch_logic.PartitionState()}, window, now_us=now_us)
     return result.columns

@@ -383,7 +383,7 @@ class StreamConsumer:
             for p, offset in sorted({**resting, **next_offsets}.items())
         ]
         new_runs = [(run, *where) for run, where in decoded.new_runs.items()]
-        produced = np.array([m[2] for m in decoded.meta if m[2] is not None], dtype=np.int64)
+        produced = np.array([at for at in decoded.produced if at is not None], dtype=np.int64)
         known_lags = list(lags.values())
         owned = sorted(self.states)
         broker_errors = decoded.broker_errors + self._client_errors

@@ -233,7 +233,7 @@ def test_batch_frames_have_the_consumer_dtypes(race: pd.DataFrame) -> None:
     assert rows[["lap_number", "compound"]].isna().any().all(), "no None values to check"
     structs = [TelemetrySample(*values) for values in zip(*columns.values(), strict=True)]
     inferred = pd.DataFrame(columns).astype(NULLABLE_INTS)
-    built = compose.frame(structs, [(0, i, None) for i in range(len(structs))])
+    built = compose.frame(compose.Decoded.of(structs))
     pd.testing.assert_frame_equal(built[list(SAMPLE_FIELDS)], inferred)
 
 

@@ -73,3 +73,28 @@ def test_good_or_missing_headers_pass() -> None:
     repeated = [("produced_at_us", str(at + 1).encode()), *schema.headers("x", at)]
     assert schema.produced_at(repeated) == at + 1  # the first of a repeated name wins
     assert schema.as_text(b"a\x00\xffb") == "a\ufffd\ufffdb"
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [None, [], schema.headers("x", 1_764_576_000_000_000)[::-1],
+     [*schema.headers("x", 1)[:2], ("produced_at_us", b"")],
+     [*schema.headers("x", 1)[:2], ("produced_at_us", None)],
+     [*schema.headers("x", 1)[:2], ("produced_at_us", b"+1764576000000000")],
+     [*schema.headers("x", 1)[:2], ("produced_at_us", b"9" * 40)],
+     schema.headers("x", 1),
+     [("schema", b"f1.telemetry.v9"), *schema.headers("x", 1_764_576_000_000_000)[1:]],
+     [*schema.headers("x", 1_764_576_000_000_000), ("extra", b"1")]],
+)  # fmt: skip
+def test_headers_checked_as_a_batch_agree_with_each_checked_alone(odd: object) -> None:
+    at = 1_764_576_000_000_000
+    good = schema.headers("fastf1-replay", at)
+    assert schema.produced_at_many([good, good]) == [at, at]
+    batch = [good, odd, good]
+    many = schema.produced_at_many(batch)
+    try:
+        each = [schema.produced_at(headers) for headers in batch]
+    except schema.BadHeader:
+        assert many is None  # a header to refuse: each message is then read alone
+    else:
+        assert many in (None, each)
