@@ -93,27 +93,27 @@ def robust_outliers_many(
     baselines are stacked into one array, so the medians are two numpy calls per
     batch rather than two per car (at 1x a batch holds one sample of each car)."""
     import numpy as np
-    from numpy.lib.stride_tricks import sliding_window_view
 
     flags = [np.zeros(len(rates), dtype=bool) for _, rates in cars]
     judged: list[tuple[int, int]] = []  # (car, first judged rate)
-    windows, new_rates = [], []
+    pieces, starts, new_rates = [], [], []
+    at = 0  # where the car's history starts in the flat array of all of them
     for i, (history, rates) in enumerate(cars):
-        full = np.concatenate((history, rates))
         first = BASELINE_SAMPLES - len(history)  # first new rate with a full baseline
-        if len(full) <= BASELINE_SAMPLES or first >= len(rates):
+        if len(history) + len(rates) <= BASELINE_SAMPLES or first >= len(rates):
             continue
         first = max(first, 0)
-        windows.append(
-            sliding_window_view(full[:-1], BASELINE_SAMPLES)[
-                len(history) + first - BASELINE_SAMPLES :
-            ]
-        )
+        # The baseline of the rate at position k (history, then rates) is the
+        # BASELINE_SAMPLES before it: they start at k - BASELINE_SAMPLES.
+        starts.append(at + len(history) - BASELINE_SAMPLES + np.arange(first, len(rates)))
+        pieces += [history, rates]
+        at += len(history) + len(rates)
         new_rates.append(rates[first:])
         judged.append((i, first))
     if not judged:
         return flags
-    stacked = np.concatenate(windows)
+    # One gather for every baseline (a view per car cost more than its median).
+    stacked = np.concatenate(pieces)[np.concatenate(starts)[:, None] + np.arange(BASELINE_SAMPLES)]
     median = np.median(stacked, axis=1)
     mad = np.median(np.abs(stacked - median[:, None]), axis=1)
     z = np.abs(np.concatenate(new_rates) - median) / np.maximum(1.4826 * mad, floor)

@@ -169,7 +169,7 @@ def binary_copy(
 
     ints: frozenset[str] = getattr(frame, "int_columns", frozenset())
     arrays = [
-        _arrow(frame[name], name, ints).cast(_arrow_type(types[name], name)) for name in columns
+        _cast(_arrow(frame[name], name, ints), _arrow_type(types[name], name)) for name in columns
     ]
     table = pa.Table.from_arrays(arrays, names=list(columns))
     encoder = ArrowToPostgresBinaryEncoder(table.schema)
@@ -177,6 +177,12 @@ def binary_copy(
     parts += [encoder.write_batch(batch) for batch in table.to_batches()]
     parts.append(encoder.finish())
     return b"".join(parts)
+
+
+def _cast(array: Any, target: Any) -> Any:
+    # A cast costs tens of microseconds even to the same type: most columns of a
+    # small batch would pay more for it than for their values.
+    return array if array.type == target else array.cast(target)
 
 
 @functools.cache

@@ -610,3 +610,30 @@ def test_a_whole_run_resuming_later_is_taken_as_it_is() -> None:
              for d in (1, 5, 9)]  # fmt: skip
     [result] = run_batches([pd.concat(later, ignore_index=True)], states, WindowConfig())
     assert not result.rejected and len(result.samples) == 12 and result.late == 0
+
+
+def test_rate_outliers_match_a_recomputation_rate_by_rate() -> None:
+    # robust_outliers_many gathers every car's baselines at once; each rate is
+    # judged against the BASELINE_SAMPLES rates before it, history first.
+    rng = np.random.default_rng(3)
+    size = anomaly.BASELINE_SAMPLES
+    shapes = [(0, 5), (10, 3), (size - 1, 4), (size, 1), (size, 30), (0, size + 10), (3, 0)]
+    cars = [
+        (rng.normal(0, 5, h), rng.normal(0, 5, r) * np.where(rng.random(r) < 0.1, 40, 1))
+        for h, r in shapes
+    ]
+    floor = 1.0
+    flagged = anomaly.robust_outliers_many(cars, floor)
+    for (history, rates), got in zip(cars, flagged, strict=True):
+        full = np.concatenate((history, rates))
+        expected = []
+        for k in range(len(history), len(full)):
+            base = full[k - size : k] if k >= size else None
+            if base is None:
+                expected.append(False)
+                continue
+            median = np.median(base)
+            spread = max(1.4826 * np.median(np.abs(base - median)), floor)
+            expected.append(bool(abs(full[k] - median) / spread > anomaly.OUTLIER_Z))
+        assert got.tolist() == expected
+    assert any(f.any() for f in flagged), "nothing flagged: the check would prove nothing"
