@@ -108,14 +108,18 @@ def run(
                 break  # the replay still runs; the consumers' reports tell what went wrong
             time.sleep(0.5)
         time.sleep(WARM_UP_S)
-        producer.start()
+        # The replay starts once the page listens: a page slow to open (a busy
+        # machine, Chromium starting) would otherwise miss a short replay whole.
         mine: dict[str, Any] = {}
         if min_updates is None:
-            watched, mine = _watch_for(scratch, run_id, seconds, screenshot=screenshot)
+            watched, mine = _watch_for(
+                scratch, run_id, seconds, start=producer.start, screenshot=screenshot
+            )
         else:
             watched, mine = _watch_until(
                 scratch,
                 run_id,
+                producer.start,
                 lambda: not producer.is_alive() and not any(t.is_alive() for t in threads),
                 min_updates=min_updates,
                 timeout_s=timeout_s,
@@ -169,14 +173,21 @@ _RUN_LATENCIES_JS = "() => ({ p50: f1run.p50, p99: f1run.p99 })"
 
 
 def _watch_for(
-    settings: Settings, run_id: str, seconds: float, *, screenshot: Path | None
+    settings: Settings,
+    run_id: str,
+    seconds: float,
+    *,
+    start: Callable[[], None],
+    screenshot: Path | None,
 ) -> tuple[browser.PageWatch, dict[str, Any]]:
-    """`browser.watch`, counting the replay's own updates too."""
+    """`browser.watch`, counting the replay's own updates too; `start` starts
+    the replay once the page listens."""
     with browser.signed_in_page(settings) as page:
         answer = page.goto(f"{settings.airflow_url}/f1/live")
         if answer is None or answer.status != 200:
             raise RuntimeError(f"live page answered {answer and answer.status}")
         page.evaluate(_COUNT_RUN_JS, run_id)
+        start()
         page.wait_for_timeout(seconds * 1000)
         state: dict[str, Any] = {**page.evaluate(_RUN_STATE_JS), **page.evaluate(_RUN_LATENCIES_JS)}
         return browser.read_page(page, screenshot), state
@@ -185,6 +196,7 @@ def _watch_for(
 def _watch_until(
     settings: Settings,
     run_id: str,
+    start: Callable[[], None],
     replay_done: Callable[[], bool],
     *,
     min_updates: int,
@@ -193,12 +205,13 @@ def _watch_until(
 ) -> tuple[browser.PageWatch, dict[str, Any]]:
     """Keep the page open until the replay is done and the page has received at
     least `min_updates` of its updates and drawn the last; or `timeout_s` passed
-    (the caller checks what it got)."""
+    (the caller checks what it got). `start` starts the replay once the page listens."""
     with browser.signed_in_page(settings) as page:
         answer = page.goto(f"{settings.airflow_url}/f1/live")
         if answer is None or answer.status != 200:
             raise RuntimeError(f"live page answered {answer and answer.status}")
         page.evaluate(_COUNT_RUN_JS, run_id)
+        start()
         deadline = time.monotonic() + timeout_s
         while True:
             state: dict[str, Any] = page.evaluate(_RUN_STATE_JS)
