@@ -176,8 +176,9 @@ class Settings(BaseSettings):
     fault_at: str = Field(
         "",
         pattern=r"^$|^[a-z_]+:[0-9]+$",
-        description="Fault-injection suite only: `point:N` kills the process (SIGKILL) the "
-        "Nth time it reaches `point` (see pipeline/faults.py). Empty: off.",
+        description="Fault-injection suite only: `point:N` kills the process (SIGKILL; "
+        "`in_copy` stops it, SIGSTOP) the Nth time it reaches `point` (see "
+        "pipeline/faults.py). Empty: off.",
     )
     serve_models: bool = Field(
         True, description="Consumers score every sample with the models' MLflow champions."

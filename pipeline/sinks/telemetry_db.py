@@ -20,12 +20,14 @@ consumers' transactions cannot wait on each other's rows in a cycle.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from psycopg import sql
 
+from pipeline import faults
 from pipeline.settings import Settings, get_settings
 from pipeline.sinks import migrations
 
@@ -34,6 +36,8 @@ if TYPE_CHECKING:
     import psycopg
 
     from pipeline.processing.columns import Columns
+
+log = logging.getLogger(__name__)
 
 SAMPLE_COLUMNS = (
     "run_id", "session_key", "driver_number", "driver", "seq", "event_time", "session_time_s",
@@ -100,9 +104,38 @@ def claim_partitions(
     conn: psycopg.Connection, group_id: str, topic: str, partitions: Sequence[int]
 ) -> dict[int, PartitionClaim]:
     """Take ownership: bump each partition's epoch (fencing the previous owner)
-    and return the stored offset and state, per partition."""
+    and return the stored offset and state, per partition.
+
+    A previous owner that stalled inside its commit keeps the offset rows locked.
+    Stalled between statements, the server ends its session after
+    IDLE_IN_TRANSACTION_MS; stalled in the middle of a COPY, its session is
+    "active", waiting on the client, and no server timeout ever ends it (a query
+    cancel is not acted on while the server reads COPY data). So the claim waits
+    that long for the rows, then ends the session that holds them: Kafka has
+    already given the partitions to us, and its transaction, rolled back, had
+    committed nothing."""
+    import psycopg
+
+    try:
+        return _claim(conn, group_id, topic, partitions, lock_timeout_ms=IDLE_IN_TRANSACTION_MS)
+    except psycopg.errors.LockNotAvailable:
+        ended = end_stalled_owners(conn, group_id, topic, partitions)
+        log.warning("ended %d stalled session(s) holding partitions %s of %s: %s",
+                    len(ended), list(partitions), topic, ended)  # fmt: skip
+        return _claim(conn, group_id, topic, partitions, lock_timeout_ms=0)  # 0: no limit
+
+
+def _claim(
+    conn: psycopg.Connection,
+    group_id: str,
+    topic: str,
+    partitions: Sequence[int],
+    *,
+    lock_timeout_ms: int,
+) -> dict[int, PartitionClaim]:
     claims = {}
     with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{lock_timeout_ms}ms",))
         for partition in sorted(partitions):  # one order for everybody: no deadlock
             row = conn.execute(
                 "INSERT INTO consumer_offsets (group_id, topic, topic_partition) "
@@ -114,6 +147,25 @@ def claim_partitions(
             assert row is not None
             claims[partition] = PartitionClaim(partition, row[0], row[1], row[2])
     return claims
+
+
+def end_stalled_owners(
+    conn: psycopg.Connection, group_id: str, topic: str, partitions: Sequence[int]
+) -> list[dict[str, Any]]:
+    """End the sessions whose open transactions hold these partitions' offset rows
+    (a row's xmax names the transaction that locked it; that transaction's own
+    lock names its session). Returns what was ended: pid, application, query."""
+    rows = conn.execute(
+        "SELECT l.pid, a.application_name, left(a.query, 60), pg_terminate_backend(l.pid, 10000) "
+        "FROM consumer_offsets o "
+        "JOIN pg_locks l ON l.locktype = 'transactionid' AND l.transactionid = o.xmax "
+        " AND l.mode = 'ExclusiveLock' AND l.granted "
+        "JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE o.group_id = %s AND o.topic = %s AND o.topic_partition = ANY(%s) "
+        " AND l.pid <> pg_backend_pid()",
+        (group_id, topic, list(partitions)),
+    ).fetchall()
+    return [{"pid": pid, "application": app, "query": query} for pid, app, query, _ in rows]
 
 
 _column_types: dict[str, dict[str, str]] = {}  # table -> column -> format_type
@@ -131,6 +183,7 @@ def _copy(conn: psycopg.Connection, table: str, columns: Sequence[str], rows: An
         return
     types = table_types(conn, table)
     with conn.cursor().copy(_copy_statement(table, tuple(columns), binary=True)) as copy:
+        faults.point(get_settings(), faults.IN_COPY)
         copy.write(binary_copy(rows, columns, types))
 
 

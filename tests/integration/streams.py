@@ -5,6 +5,7 @@ every window equal to an independent recomputation)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -65,10 +66,14 @@ def subprocess_env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture
 def isolated(stack: Settings) -> Iterator[tuple[Settings, dict[str, str]]]:
-    """Settings and a subprocess environment with fresh topics and group."""
+    """Settings and a subprocess environment with fresh topics and group. The
+    test's consumers end before its scratch rows and topics go."""
     with scratch_topics(stack, "test") as settings:
         telemetry_db.ensure_schema(settings)
-        yield settings, subprocess_env(settings)
+        try:
+            yield settings, subprocess_env(settings)
+        finally:
+            end_spawned_consumers()
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +83,26 @@ def race(race_export: Path) -> pd.DataFrame:
     return samples
 
 
+_spawned: list[subprocess.Popen[str]] = []
+
+
+def end_spawned_consumers() -> None:
+    """Kill what `consumer_process` started and is still running (a test that
+    failed midway, a consumer it paused): a stopped process would keep its
+    database transaction, and its locks, past the test."""
+    while _spawned:
+        process = _spawned.pop()
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+            process.wait(timeout=30)
+
+
 def consumer_process(env: dict[str, str], member: str, run: str | None, **extra_env: str) -> Any:
-    """`f1 consume` until `run` is complete (None: until 15 s without a message).
-    Its output goes to a file (a pipe nobody reads while it runs would fill up
-    and stall a chatty consumer)."""
+    """`f1 consume` until `run` is complete (None: until 15 s without a message),
+    killed after the test if still running (`end_spawned_consumers`). Its output
+    goes to a file (a pipe nobody reads while it runs would fill up and stall a
+    chatty consumer)."""
     output = tempfile.TemporaryFile("w+")  # noqa: SIM115 (closed with the test process)
     until = ["--until-run", run, "--idle-timeout", "120"] if run else ["--idle-timeout", "15"]
     process = subprocess.Popen(
@@ -92,6 +113,7 @@ def consumer_process(env: dict[str, str], member: str, run: str | None, **extra_
         text=True,
     )
     process.output_file = output  # type: ignore[attr-defined]
+    _spawned.append(process)
     return process
 
 

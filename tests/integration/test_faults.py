@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -191,6 +192,44 @@ def test_a_consumer_paused_past_its_session_is_fenced_and_rejoins(
         FaultRow("consumer paused (SIGSTOP) past its session timeout, then resumed",
                  "SIGSTOP, a successor takes over, SIGCONT", flying, lost, doubled, recovery)
     )  # fmt: skip
+
+
+def test_a_consumer_stalled_inside_its_copy_is_ended_by_its_successor(
+    isolated: tuple[Settings, dict[str, str]], race: pd.DataFrame, fault_table: list[FaultRow]
+) -> None:
+    """Stopped in the middle of a COPY, a consumer's session is "active" and holds
+    its partitions' offset rows with no server timeout to end it: the successor's
+    claim must end it, or the successor waits for ever."""
+    settings, env = isolated
+    run = f"stall-{uuid.uuid4().hex[:6]}"
+    report = produce_session(
+        settings.export_dir / RACE, speed=None, run_id=run, duration_s=SLICE_S, settings=settings
+    )
+    stalled = consumer_process(env, "stalled", run, FAULT_AT=f"{faults.IN_COPY}:8", **SMALL_BATCHES)
+    _wait_stopped(stalled)
+    stopped_at, flying = _now(), in_flight(settings)
+    successor = consumer_process(env, "successor", run)
+    recovery = first_commit_after(settings, stopped_at)
+    took_over = wait_ok(successor)
+    assert "stalled session(s) holding partitions" in took_over, took_over[-3000:]
+    stalled.send_signal(signal.SIGCONT)  # its session gone, its commit finds itself fenced
+    resumed = wait_ok(stalled)
+    assert "rejoining the group" in resumed or "revoked" in resumed, resumed[-3000:]
+    lost, doubled = measure(settings, run, delivered(report, _slice(race, SLICE_S)))
+    fault_table.append(
+        FaultRow("consumer stalled (SIGSTOP) in the middle of a COPY, holding its rows' locks",
+                 f"`FAULT_AT={faults.IN_COPY}:8`, a successor, then SIGCONT",
+                 flying, lost, doubled, recovery)
+    )  # fmt: skip
+
+
+def _wait_stopped(process: Any, timeout_s: float = 300) -> None:
+    """Until the process is stopped (state T): it reached its fault point."""
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{process.pid}/stat").read_text().split(") ")[1][0] != "T":
+        assert process.poll() is None, output_of(process)[-3000:]
+        assert time.monotonic() < deadline, f"not stopped after {timeout_s:g} s"
+        time.sleep(0.2)
 
 
 def _wait_commits(settings: Settings, member: str, at_least: int) -> None:
