@@ -772,22 +772,22 @@ def memory(ctx: _Context) -> Section:
         "growth, end - start (MB)": end - start,
     }
     signed = {"growth, end - start (MB)"}
-    rows = [
-        Row(
-            f"Consumer memory growth over {len(runs)} race(s), RSS end - start",
-            end - start,
-            "MB",
-            target=Target("<", 50, "ours"),
-            signed=True,
-        )
-    ]
+    whole = f"Consumer memory over {len(runs)} race(s), RSS end - start"
+    rows = [Row(whole, end - start, "MB", target=Target("<", 50, "ours"), signed=True)]
     if len(runs) > 1 and runs[0] in watch.run_ends:
-        # The steady state: what grows after the first race is what a long run keeps adding.
+        # The first race is the warm-up: batches grow to STREAM_BATCH_SIZE, the client's
+        # prefetch queue fills, the model libraries finish loading (measured: RSS settles
+        # within seconds of the first full batches, then stays flat). What grows after it
+        # is what a long run keeps adding, so the target is judged on that.
         after_first = end - watch.run_ends[runs[0]]
         figures["RSS when the first race was committed (MB)"] = watch.run_ends[runs[0]]
         figures["growth after the first race (MB)"] = after_first
         signed.add("growth after the first race (MB)")
-        rows.append(Row("... of it after the first race", after_first, "MB", signed=True))
+        rows = [
+            Row(f"{whole}, the first race's warm-up included", end - start, "MB", signed=True),
+            Row(f"Consumer memory growth over races 2-{len(runs)}, after the first's warm-up",
+                after_first, "MB", target=Target("<", 50, "ours"), signed=True),
+        ]  # fmt: skip
     return Section(
         "memory",
         TITLES["memory"],
@@ -803,7 +803,9 @@ def memory(ctx: _Context) -> Section:
             "kept) reads them; its RSS sampled every second with psutil. Start is the RSS "
             "after its first committed batch (imports, models and the first batch's "
             "buffers in place), end the RSS when the last race was committed (it exits "
-            "then); growth = end - start."
+            "then); growth = end - start. With several races the target is judged on what grows "
+            "after the first race, its warm-up (batches reaching full size, the prefetch queue "
+            "filling, the model libraries loading) left out."
         ),
     )
 
