@@ -561,6 +561,7 @@ def latency(ctx: _Context) -> Section:
             "1x: produce-to-commit p50 (ms)": at_1x["p50_ms"],
             "1x: produce-to-commit p99 (ms)": at_1x["p99_ms"],
             "1x: messages timed": len(report_1x["latencies_ms"]),
+            **_stage_figures(report_1x),
             "10x: produce-to-commit p50 (ms)": at_10x["p50_ms"],
             "10x: produce-to-commit p99 (ms)": at_10x["p99_ms"],
             "1x live page: produce-to-browser p50 (ms)": page["produce_to_browser_p50_ms"],
@@ -572,12 +573,21 @@ def latency(ctx: _Context) -> Section:
             "kafka-e2e-latency: p99 (ms, whole)": e2e["p99_ms"],
             "kafka-e2e-latency: mean (ms)": e2e["mean_ms"],
         },
-        signed={"kafka-e2e-latency: p50 (ms, whole)", "kafka-e2e-latency: p99 (ms, whole)"},
+        signed={
+            "kafka-e2e-latency: p50 (ms, whole)",
+            "kafka-e2e-latency: p99 (ms, whole)",
+            # None waits when batches are far apart (a tiny run).
+            f"1x: {STAGES['wait_for_commit_thread']}, p50 (ms)",
+            f"1x: {STAGES['wait_for_commit_thread']}, p99 (ms)",
+        },
         notes=notes,
         method=(
             "Produce-to-commit: per message, from its `produced_at_us` header to its batch's "
             "commit in PostgreSQL, as the consumer process reports it: at 1x from the CPU "
-            f"section's replay, at 10x from {source_10x}. Produce-to-browser: a 1x replay "
+            f"section's replay, at 10x from {source_10x}. The 1x figure split by stage, "
+            "from the same report: produce to poll (Kafka, plus the time the consumer was "
+            "busy with the batch before), composing the batch, waiting for the batch "
+            "before to commit, and the batch's own transaction. Produce-to-browser: a 1x replay "
             f"watched for {ctx.loads.live_seconds:g} s on the live page in headless "
             "Chromium (`live_bench`, one consumer); per update of the replay, its batch's "
             "produce-to-commit p50 (p99), carried in the update, plus the time from the "
@@ -1004,6 +1014,24 @@ def _paced(ctx: _Context, *, speed: float, seconds: float) -> tuple[ProduceRepor
                 raise RuntimeError(f"the consumer wrote no report: {process.log_tail()}")
             report: dict[str, Any] = json.loads(path.read_text())
     return produced, report
+
+
+# Where a sample's produce-to-commit goes (the consumer's report, `stages_ms`).
+STAGES = {
+    "produce_to_poll": "produce to poll (Kafka, and the consumer busy)",
+    "compose": "composing its batch",
+    "wait_for_commit_thread": "its batch waiting for the one before to commit",
+    "commit": "its batch's transaction",
+}
+
+
+def _stage_figures(report: dict[str, Any]) -> dict[str, float]:
+    figures = {}
+    for stage, label in STAGES.items():
+        found = percentiles(report["stages_ms"].get(stage, []))
+        figures[f"1x: {label}, p50 (ms)"] = found["p50_ms"]
+        figures[f"1x: {label}, p99 (ms)"] = found["p99_ms"]
+    return figures
 
 
 def _end_to_end(ctx: _Context, record_size: int) -> dict[str, float]:

@@ -69,6 +69,10 @@ class ConsumeReport:
     busy_seconds: float = 0.0  # from the first message received to the last commit
     cpu_seconds: float = 0.0  # this process's CPU over the same span (start-up left out)
     latencies_ms: list[float] = field(default_factory=list)  # kept when asked (benchmarks)
+    # Where a sample's produce-to-commit goes, kept with the latencies: per message,
+    # produce to poll; per batch, composing it, waiting for the commit thread (the
+    # batch before still committing), and its transaction.
+    stages_ms: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def messages_per_s(self) -> float:
@@ -301,14 +305,21 @@ class StreamConsumer:
 
     def _next_batch(self) -> list[Any]:
         """Batch by what has arrived, not by a fixed wait: block only for the
-        first message, then take what is already buffered. At a low rate a
-        sample waits for no batch to fill; at a high rate batches grow by
-        themselves while the previous one is processed."""
+        first message, then take what is buffered, or arrives within
+        `stream_batch_linger_s` (a few ms: a source's instant, all its cars,
+        comes in a burst spread over the producer's linger). At a low rate a
+        sample waits for no batch to fill, and a burst is one batch, not two or
+        three paying the fixed cost each; at a high rate the buffer fills the
+        batch at once, and batches grow by themselves while the previous one
+        is processed."""
         assert self._consumer is not None
         first = self._consumer.consume(1, timeout=self.settings.stream_batch_wait_s)
         if not first or self.settings.stream_batch_size == 1:
             return list(first)
-        return [*first, *self._consumer.consume(self.settings.stream_batch_size - 1, timeout=0)]
+        rest = self._consumer.consume(
+            self.settings.stream_batch_size - 1, timeout=self.settings.stream_batch_linger_s
+        )
+        return [*first, *rest]
 
     def _close_idle_cars(self) -> None:
         """With nothing to read: close the windows of cars that went silent, and
@@ -359,6 +370,7 @@ class StreamConsumer:
 
         assert self._consumer is not None
         started = time.perf_counter()
+        polled_us = time.time_ns() // 1000
         if self._first_message is None:
             self._first_message, self._first_cpu = started, time.process_time()
         lags = self._lags()
@@ -436,11 +448,13 @@ class StreamConsumer:
             return row, update
 
         run_ends = [(e.run_id, p, e.samples) for p, e in decoded.ends]
+        composed_us = time.time_ns() // 1000
         faults.point(self.settings, faults.BEFORE_COMMIT)
         deadline = time.monotonic() + self.settings.db_retry_s  # one budget per batch
 
         def commit() -> Callable[[], None]:
             # On the commit thread, while the next batch is composed.
+            stages = _Stages(polled_us, composed_us, time.time_ns() // 1000)
             skipped = self._with_database(
                 "committing a batch",
                 lambda conn: telemetry_db.commit_batch(
@@ -463,7 +477,7 @@ class StreamConsumer:
             committed_us = time.time_ns() // 1000
             faults.point(self.settings, faults.AFTER_COMMIT)
             return lambda: self._account(
-                batch, len(messages), skipped, produced, committed_us, broker_errors
+                batch, len(messages), skipped, produced, committed_us, broker_errors, stages
             )
 
         # The next batch is composed on what this one leaves (its offsets, its
@@ -511,6 +525,7 @@ class StreamConsumer:
         produced: Any,
         committed_us: int,
         broker_errors: int,
+        stages: _Stages,
     ) -> None:
         """The report, once a batch has committed."""
         decoded, result = batch.decoded, batch.result
@@ -526,6 +541,7 @@ class StreamConsumer:
         r.cpu_seconds = time.process_time() - self._first_cpu
         if self.keep_latencies:  # the benchmarks' figure: produce to the COMMIT's return
             r.latencies_ms += ((committed_us - produced) / 1000.0).tolist()
+            stages.record(r.stages_ms, produced, committed_us)
         r.batches += 1
         r.messages += messages
         r.samples += len(result.columns) - clashed_samples
@@ -617,6 +633,24 @@ class _InFlight:
     commit: Future[Callable[[], None]]
     client_errors: int
     state_resets: int
+
+
+@dataclass
+class _Stages:
+    """When a batch was polled, composed, and taken by the commit thread (µs)."""
+
+    polled_us: int
+    composed_us: int
+    commit_started_us: int
+
+    def record(self, into: dict[str, list[float]], produced: Any, committed_us: int) -> None:
+        into.setdefault("produce_to_poll", []).extend(((self.polled_us - produced) / 1000).tolist())
+        for stage, ms in (
+            ("compose", (self.composed_us - self.polled_us) / 1000),
+            ("wait_for_commit_thread", (self.commit_started_us - self.composed_us) / 1000),
+            ("commit", (committed_us - self.commit_started_us) / 1000),
+        ):
+            into.setdefault(stage, []).append(ms)
 
 
 @dataclass

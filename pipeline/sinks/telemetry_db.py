@@ -379,9 +379,12 @@ def commit_batch(
     metrics row and live notice once its rows are written, and they go in the
     same transaction (one commit per batch; listeners hear of the rows as they
     become visible). Returns, per table, the rows skipped because their key was
-    already stored."""
+    already stored. `conn` is in autocommit mode: the batch runs its own BEGIN
+    and COMMIT, pipelined with its statements."""
     import psycopg
 
+    if not conn.autocommit:
+        raise ValueError("commit_batch needs an autocommit connection (connect(autocommit=True))")
     tables: list[tuple[str, Sequence[str], Any]] = []
     if len(samples):
         tables.append(("telemetry_samples", SAMPLE_COLUMNS, sample_rows(samples)))
@@ -416,55 +419,67 @@ def _write_batch(
     *,
     skip_stored: bool,
 ) -> dict[str, int]:
-    skipped: dict[str, int] = {}
-    with conn.transaction():
-        # Fence first (a stale owner writes nothing), in ascending partition order,
-        # in one round trip (psycopg pipelines executemany; rowcount is the sum).
-        fences = sorted(partitions, key=lambda c: c.partition)
-        if fences:
+    """One transaction in as few round trips as the protocol allows: BEGIN, the
+    fences and the new runs in one pipeline; each COPY (PostgreSQL answers its
+    start before taking data: two round trips each); then the run ends, the
+    metrics row, the live notice and COMMIT in one pipeline. Measured at 1x, a
+    batch's commit took 8 round trips with `conn.transaction()` and its own
+    BEGIN and COMMIT, 6 so."""
+    try:
+        with conn.pipeline():
+            conn.execute("BEGIN")
+            # Fence first (a stale owner writes nothing), in ascending partition
+            # order; rowcount is the sum over the statements, known at the sync.
+            fences = sorted(partitions, key=lambda c: c.partition)
             cursor = conn.cursor()
-            cursor.executemany(
-                "UPDATE consumer_offsets SET next_offset = %s, state = %s, updated_at = now() "
-                "WHERE group_id = %s AND topic = %s AND topic_partition = %s AND epoch = %s",
-                [(c.next_offset, c.state, group_id, topic, c.partition, c.epoch) for c in fences],
-            )
-            if cursor.rowcount != len(fences):
-                taken = [c.partition for c in fences]
-                raise Fenced(f"one of partitions {taken} of {topic} was taken over")
-        if new_runs:
-            conn.cursor().executemany(
-                "INSERT INTO stream_runs (run_id, session_key, source, topic) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT (run_id) DO NOTHING",
-                [(*run, topic) for run in new_runs],
-            )
-        if tables:
-            skipped = _copy_tables(conn, tables, skip_stored=skip_stored)
+            if fences:
+                cursor.executemany(
+                    "UPDATE consumer_offsets SET next_offset = %s, state = %s, "
+                    "updated_at = now() WHERE group_id = %s AND topic = %s "
+                    "AND topic_partition = %s AND epoch = %s",
+                    [(c.next_offset, c.state, group_id, topic, c.partition, c.epoch)
+                     for c in fences],
+                )  # fmt: skip
+            if new_runs:
+                conn.cursor().executemany(
+                    "INSERT INTO stream_runs (run_id, session_key, source, topic) "
+                    "VALUES (%s, %s, %s, %s) ON CONFLICT (run_id) DO NOTHING",
+                    [(*run, topic) for run in new_runs],
+                )
+        if fences and cursor.rowcount != len(fences):
+            taken = [c.partition for c in fences]
+            raise Fenced(f"one of partitions {taken} of {topic} was taken over")
+        skipped = _copy_tables(conn, tables, skip_stored=skip_stored) if tables else {}
         skipped = {table: n for table, n in skipped.items() if n}
-        if run_ends or metrics is not None:
-            _finish_batch(conn, run_ends, metrics, skipped, live_channel)
+        with conn.pipeline():
+            if run_ends:  # a retried producer ends its run again: the latest count wins
+                conn.cursor().executemany(
+                    "INSERT INTO stream_run_ends (run_id, topic_partition, samples) "
+                    "VALUES (%s, %s, %s) ON CONFLICT (run_id, topic_partition) "
+                    "DO UPDATE SET samples = EXCLUDED.samples, committed_at = now()",
+                    run_ends,
+                )
+            if metrics is not None:
+                row, notice = metrics(skipped)
+                record_metrics(conn, row, (live_channel, notice) if notice else None)
+            conn.execute("COMMIT")
+    except BaseException:
+        _roll_back(conn)
+        raise
     return skipped
 
 
-def _finish_batch(
-    conn: psycopg.Connection,
-    run_ends: list[tuple[str, int, int]],
-    metrics: BatchMetrics | None,
-    skipped: dict[str, int],
-    live_channel: str,
-) -> None:
-    """The statements after the COPYs, in one round trip: the run ends, the
-    metrics row and the live notice (delivered when the batch commits)."""
-    with conn.pipeline():
-        if run_ends:  # a retried producer ends its run again: the latest count wins
-            conn.cursor().executemany(
-                "INSERT INTO stream_run_ends (run_id, topic_partition, samples) "
-                "VALUES (%s, %s, %s) ON CONFLICT (run_id, topic_partition) "
-                "DO UPDATE SET samples = EXCLUDED.samples, committed_at = now()",
-                run_ends,
-            )
-        if metrics is not None:
-            row, notice = metrics(skipped)
-            record_metrics(conn, row, (live_channel, notice) if notice else None)
+def _roll_back(conn: psycopg.Connection) -> None:
+    """End a failed batch's transaction, unless its connection is gone (the
+    server then rolled it back by itself)."""
+    import psycopg
+
+    if conn.closed:
+        return
+    try:
+        conn.rollback()
+    except psycopg.OperationalError:
+        log.warning("the connection was lost while rolling a batch back", exc_info=True)
 
 
 def _window_columns(windows: list[dict[str, Any]]) -> Columns:

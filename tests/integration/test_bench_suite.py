@@ -52,6 +52,9 @@ def _check_the_quick_suite(stack: Settings, race_export: Path, tmp_path: Path) -
                 assert row.ratio == row.ours / row.reference
             if row.target is not None and (row.target.on == "ours" or row.ratio is not None):
                 assert row.met is not None, (section.key, row)
+    latency = next(s for s in report.sections if s.key == "latency")
+    for stage in suite.STAGES.values():  # where the 1x latency goes, stage by stage
+        assert f"1x: {stage}, p50 (ms)" in latency.figures, stage
     stream_rows = {s.key: s.rows for s in report.sections}
     for key in ("producer", "decode", "consumer"):  # measured against Kafka's own tools
         assert all(r.reference is not None for r in stream_rows[key]), key
