@@ -871,12 +871,12 @@ def _on_topic(settings: Settings) -> int:
     """Messages on the telemetry topic: the sum of its partitions' high watermarks."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from pipeline.kafka.client import base_config
+    from pipeline.kafka.client import base_config, topic_partitions
 
     reader = Consumer({**base_config(settings), "group.id": f"{settings.consumer_group}-ends"})
     try:
         topic = settings.telemetry_topic
-        partitions = reader.list_topics(topic, timeout=10).topics[topic].partitions
+        partitions = topic_partitions(reader, topic)
         return sum(
             reader.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
             for p in partitions

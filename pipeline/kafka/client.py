@@ -20,6 +20,11 @@ class KafkaUnavailable(RuntimeError):
     pass
 
 
+class TopicMissing(KafkaUnavailable):
+    """The broker is up but the topic is not there: the CLI's and the DAGs' handling
+    of an unavailable Kafka covers it."""
+
+
 def base_config(settings: Settings) -> dict[str, Any]:
     return {"bootstrap.servers": settings.kafka_bootstrap_servers, "logger": LIBRDKAFKA_LOG}
 
@@ -85,6 +90,19 @@ def check_reachable(settings: Settings, timeout_s: float = 10.0) -> None:
             f"Kafka is not reachable at {settings.kafka_bootstrap_servers} ({err.args[0]}); "
             "start the stack with `make up` (or `f1 stack up --only kafka`)."
         ) from err
+
+
+def topic_partitions(client: Any, topic: str, timeout_s: float = 10.0) -> list[int]:
+    """The topic's partitions, from any client's metadata; one clear error when the
+    broker has no such topic (it does not create topics on use)."""
+    metadata = client.list_topics(topic, timeout=timeout_s).topics.get(topic)
+    if metadata is None or metadata.error is not None or not metadata.partitions:
+        reason = metadata.error.str() if metadata is not None and metadata.error else "none"
+        raise TopicMissing(
+            f"topic {topic!r} is not on the broker ({reason}); "
+            "create the platform's topics with `f1 topics` (or the f1_topics DAG)."
+        )
+    return sorted(metadata.partitions)
 
 
 @contextmanager

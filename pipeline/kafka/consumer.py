@@ -31,7 +31,12 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from pipeline import faults, schema
-from pipeline.kafka.client import check_reachable, consumer_config, producer_config
+from pipeline.kafka.client import (
+    check_reachable,
+    consumer_config,
+    producer_config,
+    topic_partitions,
+)
 from pipeline.live import feed as live_feed
 from pipeline.processing import batch as batch_logic
 from pipeline.processing import compose
@@ -251,9 +256,7 @@ class StreamConsumer:
             consumer_config(self.settings, self.member, error_cb=self._on_error)
         )
         self._dead_letter_producer = Producer(producer_config(self.settings, **{"linger.ms": 0}))
-        partitions_total = len(
-            self._consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
-        )
+        partitions_total = len(topic_partitions(self._consumer, self.topic))
         self._subscribe()
         started = last_message = time.monotonic()
         last_check = last_idle_check = 0.0

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import schema
-from pipeline.kafka.client import check_reachable, producer_config
+from pipeline.kafka.client import check_reachable, producer_config, topic_partitions
 from pipeline.settings import Settings, get_settings
 from pipeline.sinks import telemetry_db
 from pipeline.sources.replay import Replay, load_samples
@@ -217,7 +217,7 @@ class RunPublisher:
         self.report = report
         self.source = source
         topic = settings.telemetry_topic
-        partitions = len(producer.list_topics(topic, timeout=10).topics[topic].partitions)
+        partitions = len(topic_partitions(producer, topic))
         self.cars = CarPartitioner(report.run_id, partitions, cars)
         self.delivered: Counter[int] = Counter()
         self.sent = 0  # produce calls made (a live source knows its total only at the end)
@@ -294,9 +294,7 @@ def _flush(producer: Any) -> None:
 def _send_end_markers(
     producer: Any, settings: Settings, report: ProduceReport, source: str
 ) -> None:
-    metadata = producer.list_topics(settings.telemetry_topic, timeout=10)
-    partitions = sorted(metadata.topics[settings.telemetry_topic].partitions)
-    for partition in partitions:
+    for partition in topic_partitions(producer, settings.telemetry_topic):
         marker = schema.EndOfStream(
             v=schema.SCHEMA_VERSION,
             run_id=report.run_id,

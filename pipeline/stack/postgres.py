@@ -29,6 +29,7 @@ DATABASES = {
     "telemetry": "telemetry",
 }
 READER_ROLE = "telemetry_reader"
+READER_STATEMENT_TIMEOUT = "60s"
 
 
 def _as_postgres_user() -> list[str]:
@@ -113,6 +114,9 @@ def process(settings: Settings) -> ManagedProcess:
             "-c", f"unix_socket_directories={socket_dir(settings)}",
             "-c", "max_connections=200",
             "-c", "shared_buffers=256MB",
+            # What a stuck chart or a slow test leaves behind: in postgres.log.
+            "-c", "log_lock_waits=on",
+            "-c", "log_min_duration_statement=5s",
         ],
         run_dir=settings.stack_dir / "run",
         log_file=settings.log_dir / "postgres.log",
@@ -171,6 +175,13 @@ def provision(settings: Settings) -> None:
         conn.execute(
             sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(
                 sql.Identifier(READER_ROLE)
+            )
+        )
+        # A dashboard query that runs away ends with an error on its chart, before
+        # Superset's worker timeout (gunicorn --timeout 120) kills the worker with it.
+        conn.execute(
+            sql.SQL("ALTER ROLE {} SET statement_timeout = {}").format(
+                sql.Identifier(READER_ROLE), sql.Literal(READER_STATEMENT_TIMEOUT)
             )
         )
         conn.execute(

@@ -13,6 +13,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -142,3 +144,45 @@ def airflow_env(stack: Settings) -> Iterator[dict[str, str]]:
 def airflow_api(stack: Settings) -> Iterator[httpx.Client]:
     with airflow_server.api_client(stack) as client:
         yield client
+
+
+# --- on a failure, what the services logged meanwhile -----------------------------------
+# CI's clone (and its .stack/logs) is gone when its output is read: a failed test's report
+# carries the lines the shared services' logs got while it ran.
+SERVICE_LOGS = ("superset.log", "superset-access.log", "postgres.log", "kafka.log", "mlflow.log")
+LOG_LINES_KEPT = 40
+
+
+def _log_sizes() -> dict[Path, int]:
+    log_dir = get_settings().log_dir
+    return {
+        path: path.stat().st_size
+        for path in (log_dir / name for name in SERVICE_LOGS)
+        if path.exists()
+    }
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Iterator[None]:
+    item.stash[LOG_SIZES] = _log_sizes()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[Any]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+    if not report.failed or LOG_SIZES not in item.stash:
+        return
+    for path, size in item.stash[LOG_SIZES].items():
+        with path.open("rb") as log:
+            log.seek(size)
+            written = log.read().decode(errors="replace").splitlines()
+        if written:
+            report.sections.append(
+                (f"{path.name} during the test (last {LOG_LINES_KEPT} lines)",
+                 "\n".join(line[:400] for line in written[-LOG_LINES_KEPT:]))
+            )  # fmt: skip
+
+
+LOG_SIZES = pytest.StashKey[dict[Path, int]]()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import subprocess
 import uuid
 
 import pytest
@@ -7,7 +8,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from pipeline.settings import Settings
-from tests.integration.streams import round_trip
+from tests.integration.streams import F1, RACE, round_trip, subprocess_env
 
 
 @pytest.fixture
@@ -39,6 +40,19 @@ def test_auto_topic_creation_is_off(stack: Settings) -> None:
     producer.flush(15)
     admin = AdminClient({"bootstrap.servers": stack.kafka_bootstrap_servers})
     assert name not in admin.list_topics(timeout=10).topics
+
+
+@pytest.mark.usefixtures("race_export")
+@pytest.mark.parametrize("command", [["produce", "--session", RACE], ["consume"]])
+def test_a_missing_topic_is_one_clear_error(stack: Settings, command: list[str]) -> None:
+    # The broker does not create topics on use: say so, and how to create them.
+    missing = stack.model_copy(update={"telemetry_topic": f"missing-{uuid.uuid4().hex[:8]}"})
+    ran = subprocess.run(
+        [F1, *command], env=subprocess_env(missing), capture_output=True, text=True, timeout=120
+    )
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    assert f"topic '{missing.telemetry_topic}' is not on the broker" in ran.stderr
+    assert "`f1 topics`" in ran.stderr and "Traceback" not in ran.stdout + ran.stderr
 
 
 def test_message_round_trip_through_the_broker(stack: Settings, topic: str) -> None:

@@ -396,6 +396,15 @@ def _bundle_databases() -> dict[str, dict[str, Any]]:
 WRITE_FLAGS = ("allow_dml", "allow_ctas", "allow_cvas", "allow_file_upload")
 
 
+def test_the_dashboards_role_gives_up_on_a_runaway_query(stack: Settings) -> None:
+    import psycopg
+
+    with psycopg.connect(stack.postgres_url("telemetry_reader")) as conn:
+        timeout = conn.execute("SELECT current_setting('statement_timeout')").fetchone()
+        read_only = conn.execute("SHOW transaction_read_only").fetchone()
+    assert timeout == ("1min",) and read_only == ("on",)
+
+
 def test_dashboards_read_through_the_read_only_role_with_no_dml(stack: Settings) -> None:
     databases = _bundle_databases()
     assert databases
