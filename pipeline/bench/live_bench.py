@@ -2,7 +2,9 @@
 draws, and the time from a consumer's commit to the browser receiving it.
 
 A replay (topics and consumer group of its own) runs mid-race at `speed`, with
-`consumers` consumers in threads, while headless Chromium holds the page open.
+`consumers` consumer processes (`f1 consume`, as the demo runs them: the replay's
+pacing and the browser driver here do not share their interpreter), while headless
+Chromium holds the page open.
 Real F1 car data comes in ~3.8 bursts per second (all cars at once), and each
 consumer commits each burst as one batch, so at 1x the page gets about 3.8
 updates per second per consumer; faster replays give more.
@@ -22,13 +24,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.bench import stream_bench
 from pipeline.bench.stream_bench import percentiles
-from pipeline.kafka.consumer import ConsumeReport, StreamConsumer
 from pipeline.kafka.producer import ProduceReport, produce_session
 from pipeline.live import browser
 from pipeline.settings import Settings
@@ -39,16 +41,14 @@ if TYPE_CHECKING:
 
 MID_RACE_S = 5400.0  # session clock: about lap 22 in 2023, all cars on track
 WARM_UP_S = 3.0  # consumers join the group and the page connects before the replay
-# Consumers load the models before they join: under load that can take long, and
-# a replay started meanwhile would time their start-up backlog, not the stream.
-JOIN_LIMIT_S = 120.0
+DRAIN_LIMIT_S = 300.0  # the consumers commit the replay's end after it was produced
 
 
 @dataclass
 class LiveRun:
     watched: browser.PageWatch
     produced: ProduceReport
-    consumed: list[ConsumeReport]
+    consumed: list[dict[str, Any]]  # each consumer process's report (ConsumeReport's fields)
     cars_stored: int  # distinct cars of the run in telemetry_samples
     # With `min_updates`: updates of this replay the page received (other replays,
     # the demo's, reach it too), and whether it drew after the last of them.
@@ -74,19 +74,15 @@ def run(
     """Replay `seconds` (wall time at `speed`) and watch the page: for `seconds`,
     or with `min_updates` until the replay is over and the page has received at
     least that many of its updates and drawn the last one (at most `timeout_s`)."""
-    with stream_bench.scratch(settings, "live") as scratch:
+    with stream_bench.scratch(settings, "live") as scratch, ExitStack() as processes:
         run_id = f"live-{uuid.uuid4().hex[:6]}"
-        reports: list[ConsumeReport] = []
-        threads = [
-            threading.Thread(
-                target=lambda i=i: reports.append(
-                    StreamConsumer(f"live-{i + 1}", settings=scratch).run(
-                        until_run=run_id, idle_timeout_s=seconds + 60
-                    )
-                )
-            )
+        members = [
+            processes.enter_context(stream_bench.ConsumerProcess(
+                scratch, f"live-{i + 1}", "--until-run", run_id,
+                "--idle-timeout", str(seconds + 60), claim=False, report=True,
+            ))
             for i in range(consumers)
-        ]
+        ]  # fmt: skip
         produced: dict[str, ProduceReport] = {}
         producer = threading.Thread(
             target=lambda: produced.update(
@@ -100,13 +96,7 @@ def run(
                 )
             )
         )
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + JOIN_LIMIT_S
-        while stream_bench.claimed(scratch) < scratch.telemetry_partitions:
-            if time.monotonic() > deadline or not any(t.is_alive() for t in threads):
-                break  # the replay still runs; the consumers' reports tell what went wrong
-            time.sleep(0.5)
+        stream_bench.wait_for_claims(scratch, members)
         time.sleep(WARM_UP_S)
         # The replay starts once the page listens: a page slow to open (a busy
         # machine, Chromium starting) would otherwise miss a short replay whole.
@@ -120,14 +110,15 @@ def run(
                 scratch,
                 run_id,
                 producer.start,
-                lambda: not producer.is_alive() and not any(t.is_alive() for t in threads),
+                lambda: not producer.is_alive() and not any(m.running() for m in members),
                 min_updates=min_updates,
                 timeout_s=timeout_s,
                 screenshot=screenshot,
             )
         producer.join()
-        for thread in threads:
-            thread.join()
+        for member in members:
+            member.wait(DRAIN_LIMIT_S)
+        reports = [member.report() for member in members]
         with telemetry_db.connect(scratch) as conn:
             row = conn.execute(
                 "SELECT count(DISTINCT driver_number) FROM telemetry_samples WHERE run_id = %s",

@@ -28,25 +28,22 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench.stream_bench import claimed, percentiles
+from pipeline.bench.stream_bench import ConsumerProcess, percentiles, wait_for_claims
 from pipeline.kafka.producer import ProduceReport, produce_session
 from pipeline.kafka.topics import scratch_topics
 from pipeline.settings import PROJECT_ROOT, Settings
 from pipeline.sinks import telemetry_db
-from pipeline.stack.sandbox import settings_environment
 
-F1 = str(PROJECT_ROOT / ".venv" / "bin" / "f1")
 COUNTS = (1, 2, 4)
 STRONG_STREAMS = 4
 RACE_START_S = 3600.0  # into the export: the race start, all cars on track
@@ -91,48 +88,30 @@ def run_point(
     settings: Settings, export_folder: Path, point: Point, *, speed: float, seconds: float
 ) -> PointResult:
     """One point on topics and a group of its own (removed afterwards)."""
-    with scratch_topics(settings, "scaling") as scratch:
-        telemetry_db.ensure_schema(scratch)
-        env = {**os.environ, **settings_environment(scratch)}
-        with tempfile.TemporaryDirectory(prefix="f1-scaling-") as folder:
-            reports = [Path(folder) / f"c{i}.json" for i in range(point.consumers)]
-            consumers = [
-                subprocess.Popen(
-                    [F1, "consume", "--member", f"scaling-c{i}", "--report", str(path)],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                for i, path in enumerate(reports)
-            ]
-            lag = _LagWatch(scratch)
-            try:
-                _wait_for(
-                    lambda: claimed(scratch) >= scratch.telemetry_partitions,
-                    120,
-                    "the consumers to hold every partition",
-                )
-                lag.start()
-                produced = _produce_streams(scratch, export_folder, point.streams, speed, seconds)
-                runs = [p.run_id for p in produced]
-                _wait_for(
-                    lambda: _runs_complete(scratch, runs),
-                    DRAIN_LIMIT_S,
-                    "the consumers to commit every run",
-                )
-                began, last_commit = _first_produce_last_commit(scratch, runs)
-            finally:
-                lag.stop()
-                for process in consumers:
-                    process.terminate()  # a clean stop: the report is written
-                for process in consumers:
-                    process.wait(60)
-            consumed = [json.loads(path.read_text()) for path in reports if path.exists()]
-    if len(consumed) < point.consumers:
-        raise RuntimeError(
-            f"{point.consumers - len(consumed)} of {point.consumers} consumers wrote no "
-            "report (they failed: run `f1 consume` by hand to see why)"
-        )
+    with scratch_topics(settings, "scaling") as scratch, ExitStack() as processes:
+        consumers = [
+            processes.enter_context(
+                ConsumerProcess(scratch, f"scaling-c{i}", claim=False, report=True)
+            )
+            for i in range(point.consumers)
+        ]
+        lag = _LagWatch(scratch)
+        try:
+            wait_for_claims(scratch, consumers)
+            lag.start()
+            produced = _produce_streams(scratch, export_folder, point.streams, speed, seconds)
+            runs = [p.run_id for p in produced]
+            _wait_for(
+                lambda: _runs_complete(scratch, runs),
+                DRAIN_LIMIT_S,
+                "the consumers to commit every run",
+            )
+            began, last_commit = _first_produce_last_commit(scratch, runs)
+        finally:
+            lag.stop()
+            for process in consumers:
+                process.stop()  # a clean stop: the report is written
+        consumed = [process.report() for process in consumers]
     return _result(point, scratch, produced, consumed, lag.max, last_commit - began, speed)
 
 

@@ -8,9 +8,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import tempfile
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,11 @@ from pipeline.bench import kafka_perf
 from pipeline.kafka.consumer import StreamConsumer
 from pipeline.kafka.producer import produce_session
 from pipeline.kafka.topics import scratch_topics
-from pipeline.settings import Settings
+from pipeline.settings import PROJECT_ROOT, Settings
+from pipeline.stack.sandbox import settings_environment
+
+F1 = str(PROJECT_ROOT / ".venv" / "bin" / "f1")
+CLAIM_LIMIT_S = 120.0  # a consumer process starts (imports, models) and joins its group
 
 # Every topic `scratch` made in this process (the suite reports the ones it made).
 made: list[str] = []
@@ -43,6 +52,100 @@ def claimed(settings: Settings) -> int:
             (settings.consumer_group, settings.telemetry_topic),
         ).fetchone()
     return int(row[0]) if row else 0
+
+
+class ConsumerProcess:
+    """One `f1 consume` process with the scratch settings, started on entry (and, with
+    `claim`, holding every partition); stopped (if still running) on exit. Its log
+    goes to a file; with `report`, its report (every latency too) is read back by
+    `report()` once it has ended. A process of its own: its CPU, memory and latency
+    are the consumer's, not shared with a producer or a browser driver in this one."""
+
+    def __init__(
+        self, settings: Settings, member: str, *args: str, claim: bool = True, report: bool = False
+    ) -> None:
+        self.settings = settings
+        self.claim = claim
+        self._folder = tempfile.TemporaryDirectory(prefix="f1-bench-consumer-")
+        self._log = Path(self._folder.name) / "consumer.log"
+        self._report = Path(self._folder.name) / "report.json" if report else None
+        extra = ["--report", str(self._report)] if self._report else []
+        self.command = [F1, "consume", "--member", member, *extra, *args]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def __enter__(self) -> ConsumerProcess:
+        from pipeline.sinks import telemetry_db
+
+        telemetry_db.ensure_schema(self.settings)
+        env = {**os.environ, **settings_environment(self.settings)}
+        with self._log.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        if self.claim:
+            try:
+                wait_for_claims(self.settings, [self])
+            except BaseException:
+                self.__exit__()
+                raise
+        return self
+
+    def wait(self, limit_s: float) -> None:
+        assert self.process is not None
+        try:
+            code = self.process.wait(limit_s)
+        except subprocess.TimeoutExpired as err:
+            raise TimeoutError(f"the consumer did not finish within {limit_s:g} s") from err
+        if code:
+            raise RuntimeError(f"the consumer failed ({code}): {self.log_tail()}")
+
+    def report(self) -> dict[str, Any]:
+        if self._report is None or not self._report.exists():
+            raise RuntimeError(f"the consumer wrote no report: {self.log_tail()}")
+        answer: dict[str, Any] = json.loads(self._report.read_text())
+        return answer
+
+    def log_tail(self) -> str:
+        text = self._log.read_text(errors="replace") if self._log.exists() else ""
+        return text[-1500:].strip() or "(no output)"
+
+    def stop(self) -> None:
+        """A clean stop (SIGTERM: it leaves the group and writes its report)."""
+        if self.running():
+            assert self.process is not None
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._folder.cleanup()
+
+
+def wait_for_claims(settings: Settings, processes: Sequence[ConsumerProcess]) -> None:
+    """Until the group's consumer processes hold every partition of the topic."""
+    deadline = time.monotonic() + CLAIM_LIMIT_S
+    while claimed(settings) < settings.telemetry_partitions:
+        for process in processes:
+            if not process.running():
+                raise RuntimeError(f"the consumer process ended: {process.log_tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"the consumers took every partition not within {CLAIM_LIMIT_S:g} s: "
+                + " | ".join(p.log_tail() for p in processes)
+            )
+        time.sleep(0.5)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

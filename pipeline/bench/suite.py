@@ -30,12 +30,10 @@ met or missed.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 import traceback
@@ -52,7 +50,6 @@ from pipeline.kafka.topics import admin_client, describe
 from pipeline.settings import PROJECT_ROOT, Settings
 from pipeline.sinks import telemetry_db
 from pipeline.stack import kafka_server
-from pipeline.stack.sandbox import settings_environment
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -64,10 +61,8 @@ SECTIONS = (
     "producer", "decode", "consumer", "cpu", "speed", "latency", "models", "sink", "memory",
 )  # fmt: skip
 DOCS = PROJECT_ROOT / "docs" / "benchmarks.md"
-F1 = scaling.F1
 RACE_START_S = scaling.RACE_START_S
 MEMORY_RACES = ("2021_Monaco_R", "2023_Monaco_R", "2024_Monaco_R")
-CLAIM_LIMIT_S = 120.0  # a consumer process starts (imports, models) and joins its group
 
 
 @dataclass(frozen=True)
@@ -749,7 +744,7 @@ def memory(ctx: _Context) -> Section:
     )
     with stream_bench.scratch(ctx.settings, "bench-memory") as scratch:
         runs = [f"bench-mem-{uuid.uuid4().hex[:6]}-{i}" for i in range(len(races))]
-        with _ConsumerProcess(
+        with stream_bench.ConsumerProcess(
             scratch, "bench-memory", "--until-run", runs[-1], "--idle-timeout", "120"
         ) as process:
             watch = _RssWatch(process.pid, scratch, runs)
@@ -999,20 +994,16 @@ def _paced(ctx: _Context, *, speed: float, seconds: float) -> tuple[ProduceRepor
     process (CPU is its own: the producer runs here); the produce report and its."""
     with stream_bench.scratch(ctx.settings, "bench-paced") as scratch:
         run_id = f"bench-{uuid.uuid4().hex[:8]}"
-        with tempfile.TemporaryDirectory(prefix="f1-bench-") as folder:
-            path = Path(folder) / "report.json"
-            with _ConsumerProcess(
-                scratch, f"bench-{speed:g}x", "--until-run", run_id,
-                "--idle-timeout", str(seconds + 120), "--report", str(path),
-            ) as process:  # fmt: skip
-                produced = produce_session(
-                    ctx.folder, speed=speed, run_id=run_id, start_offset_s=RACE_START_S,
-                    duration_s=seconds * speed, settings=scratch,
-                )  # fmt: skip
-                process.wait(scaling.DRAIN_LIMIT_S)
-            if not path.exists():
-                raise RuntimeError(f"the consumer wrote no report: {process.log_tail()}")
-            report: dict[str, Any] = json.loads(path.read_text())
+        with stream_bench.ConsumerProcess(
+            scratch, f"bench-{speed:g}x", "--until-run", run_id,
+            "--idle-timeout", str(seconds + 120), report=True,
+        ) as process:  # fmt: skip
+            produced = produce_session(
+                ctx.folder, speed=speed, run_id=run_id, start_offset_s=RACE_START_S,
+                duration_s=seconds * speed, settings=scratch,
+            )  # fmt: skip
+            process.wait(scaling.DRAIN_LIMIT_S)
+            report = process.report()
     return produced, report
 
 
@@ -1093,64 +1084,6 @@ def _python_rows(frame: pd.DataFrame) -> list[tuple[Any, ...]]:
     objects = frame.astype(object)
     objects = objects.where(frame.notna(), None)
     return list(objects.itertuples(index=False, name=None))
-
-
-class _ConsumerProcess:
-    """One `f1 consume` process with the scratch settings, started and holding every
-    partition on entry; stopped (if still running) on exit. Its log goes to a file."""
-
-    def __init__(self, settings: Settings, member: str, *args: str) -> None:
-        self.settings = settings
-        self.command = [F1, "consume", "--member", member, *args]
-        self._folder = tempfile.TemporaryDirectory(prefix="f1-bench-consumer-")
-        self._log = Path(self._folder.name) / "consumer.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def __enter__(self) -> _ConsumerProcess:
-        telemetry_db.ensure_schema(self.settings)
-        env = {**os.environ, **settings_environment(self.settings)}
-        with self._log.open("wb") as log:
-            self.process = subprocess.Popen(
-                self.command, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + CLAIM_LIMIT_S
-        while stream_bench.claimed(self.settings) < self.settings.telemetry_partitions:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the consumer process ended: {self.log_tail()}")
-            if time.monotonic() > deadline:
-                self.__exit__()
-                raise TimeoutError(f"the consumer took every partition not within "
-                                   f"{CLAIM_LIMIT_S:g} s: {self.log_tail()}")  # fmt: skip
-            time.sleep(0.5)
-        return self
-
-    def wait(self, limit_s: float) -> None:
-        assert self.process is not None
-        try:
-            code = self.process.wait(limit_s)
-        except subprocess.TimeoutExpired as err:
-            raise TimeoutError(f"the consumer did not finish within {limit_s:g} s") from err
-        if code:
-            raise RuntimeError(f"the consumer failed ({code}): {self.log_tail()}")
-
-    def log_tail(self) -> str:
-        text = self._log.read_text(errors="replace") if self._log.exists() else ""
-        return text[-1500:].strip() or "(no output)"
-
-    def __exit__(self, *exc: object) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # a clean stop: it leaves the group
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        self._folder.cleanup()
 
 
 class _RssWatch(threading.Thread):

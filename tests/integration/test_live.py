@@ -64,7 +64,7 @@ def test_a_replay_reaches_the_browser_and_every_update_is_drawn(
     figures = live_bench.figures(live)
     print("live page:", figures, "updates of the replay:", live.run_updates)
     watched, produced = live.watched, live.produced
-    assert produced.delivered > 0 and sum(r.samples for r in live.consumed) == produced.delivered
+    assert produced.delivered > 0 and sum(r["samples"] for r in live.consumed) == produced.delivered
     assert live.run_updates is not None and live.run_updates >= MIN_UPDATES, figures
     assert live.run_updates_drawn, f"the page did not draw the replay's last update: {figures}"
     assert watched.renders_with_cars > 0, figures
