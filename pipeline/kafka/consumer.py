@@ -299,6 +299,8 @@ class StreamConsumer:
         finally:
             self._committer.shutdown()  # leaving on an error: a commit running ends first
             self._committer = None
+            for scorer in self.scorers or ():
+                scorer.stop()
             self.report.seconds = time.monotonic() - started
             self._consumer.close()  # leaves the group: partitions move on at once
             self._dead_letter_producer.flush(10)

@@ -79,6 +79,9 @@ def load_booster(uri: str, settings: Settings) -> Any:
     return booster
 
 
+FOLLOWER = "champion-follower"  # the thread following the aliases
+
+
 class ChampionScorer:
     """Scores a batch's features with every model's current champion, and its
     challenger in shadow (`<label>_challenger_p`), so both are scored live on
@@ -103,6 +106,7 @@ class ChampionScorer:
         self._checked_at = float("-inf")
         self._warned: set[str] = set()
         self._follower: threading.Thread | None = None
+        self._stop_following = threading.Event()
 
     def _follow(self) -> None:
         """Background: follow the aliases, so no registry round trip sits in a batch."""
@@ -112,8 +116,7 @@ class ChampionScorer:
         # MLflow down, fail fast, say so, and ask again at the next refresh instead.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        while True:
-            time.sleep(self.refresh_s)
+        while not self._stop_following.wait(self.refresh_s):
             try:
                 self.refresh(force=True)
             except Exception:  # never let a registry hiccup end the follower
@@ -219,8 +222,17 @@ class ChampionScorer:
         batch (and its samples' latency)."""
         if self._follower is None:
             self.refresh(force=True)
-            self._follower = threading.Thread(target=self._follow, daemon=True)
+            self._stop_following.clear()
+            self._follower = threading.Thread(target=self._follow, name=FOLLOWER, daemon=True)
             self._follower.start()
+
+    def stop(self) -> None:
+        """Stop following the aliases (`start` follows them again): a consumer that
+        ends leaves no thread asking the registry behind in its process."""
+        if self._follower is not None:
+            self._stop_following.set()
+            self._follower.join()
+            self._follower = None
 
     def score(self, samples: pd.DataFrame | Columns, features: pd.DataFrame) -> Columns:
         """Prediction rows for the batch: one predict call per model, over the

@@ -42,6 +42,9 @@ class BatchScorer(Protocol):
     def start(self) -> None:
         """Get ready before the first batch (load models)."""
 
+    def stop(self) -> None:
+        """The consumer has ended: stop what `start` began (threads)."""
+
     def score(self, samples: Columns, features: pd.DataFrame) -> Columns: ...
 
 

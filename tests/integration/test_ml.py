@@ -22,6 +22,7 @@ import pytest
 from pipeline.kafka.consumer import StreamConsumer
 from pipeline.kafka.producer import produce_session
 from pipeline.kafka.topics import scratch_topics
+from pipeline.ml import serving
 from pipeline.ml.features import FEATURES, in_domain, race_features
 from pipeline.ml.labels import LABELS, lap_labels
 from pipeline.ml.laps import lap_tables
@@ -217,10 +218,13 @@ def test_predictions_ignore_the_car_number_use_the_threshold_and_skip_the_grid(
     scorer.refresh(force=True)
     served = scorer.served["pit_stop"]
     assert served.threshold == pytest.approx(trained["pit_stop"].metrics["threshold"])
-    rows = scorer.score(samples, features).to_pandas()
-    renumbered = scorer.score(
-        samples.assign(driver_number=samples["driver_number"] + 100), features
-    ).to_pandas()
+    try:  # scoring starts the scorer's alias follower
+        rows = scorer.score(samples, features).to_pandas()
+        renumbered = scorer.score(
+            samples.assign(driver_number=samples["driver_number"] + 100), features
+        ).to_pandas()
+    finally:
+        scorer.stop()
     pd.testing.assert_series_equal(rows["pit_stop_p"], renumbered["pit_stop_p"])
     domain = in_domain(features)
     assert (~domain).any() and domain.any()
@@ -287,6 +291,8 @@ def test_moving_the_alias_mid_stream_switches_versions_without_losing_a_message(
     thread.join()
     mover.join()
     assert moved, f"no row of run {run} scored by v{first} within 120 s"
+    # The consumer ended: no thread of its keeps asking the registry.
+    assert not [t for t in threading.enumerate() if t.name == serving.FOLLOWER]
     with telemetry_db.connect(stream) as conn:
         rows = pd.DataFrame(
             conn.execute(
