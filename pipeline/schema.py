@@ -126,8 +126,11 @@ def decode(raw: bytes) -> Message:
 
 def decode_many(raws: Sequence[bytes]) -> list[Message]:
     """`decode` of each, the NUL check over all of them at once; raises as
-    `decode` does, for the first message that fails."""
-    if any([b"\\u0000" in raw for raw in raws]):
+    `decode` does, for the first message that fails, or HoldsNul when any may
+    hold a NUL (then `decode` of each says which, if any, does)."""
+    # One search of them all joined: only malformed messages could form a match
+    # across a boundary, and those fail `decode` of each anyway.
+    if b"\\u0000" in b"".join(raws):
         raise HoldsNul("a text holds a NUL character (\\u0000), which PostgreSQL cannot store")
     decode_value = _decoder.decode
     return [decode_value(raw) for raw in raws]

@@ -116,8 +116,8 @@ class Settings(BaseSettings):
     )
     stream_commit_overlap: bool = Field(
         True,
-        description="Compose the next batch while the previous one commits (one batch in "
-        "flight at most, committed in order); false: each batch commits before the next "
+        description="Compose the next batches while the previous ones commit (two batches "
+        "in flight at most, committed in order); false: each batch commits before the next "
         "is read.",
     )
     window_s: float = Field(3.0, gt=0, description="Tumbling window length, event time.")

@@ -17,12 +17,13 @@ consumer stays in its group; errors the broker or client report are counted.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gc
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Batches queued for the commit thread at most: two, so the commit of one, the
+# scores and COPY data of the next, and the composing of a third all overlap.
+COMMITS_IN_FLIGHT = 2
 PAYLOAD_HEAD_BYTES = 1024
 
 
@@ -126,11 +130,19 @@ class StreamConsumer:
         self._conn: psycopg.Connection | None = None
         self._consumer: Consumer | None = None
         self._dead_letter_producer: Producer | None = None
-        # The batch being committed while the next one is composed (at most one;
-        # batches commit in order, on one connection): its result is the
-        # bookkeeping to do once it has committed.
+        # The batches being committed while the next one is composed (at most
+        # COMMITS_IN_FLIGHT; they commit in order, on one connection): each one's
+        # result is the bookkeeping to do once it has committed.
         self._committer: ThreadPoolExecutor | None = None
-        self._in_flight: _InFlight | None = None
+        # A stage between composing (this thread) and committing (the commit
+        # thread): the models score the batch and its rows are encoded for COPY
+        # while the batch before is in its transaction, so the commit thread only
+        # waits on PostgreSQL. XGBoost predicts without the GIL: the three
+        # stages overlap on two cores.
+        self._preparer: ThreadPoolExecutor | None = None
+        self._in_flight: deque[_InFlight] = deque()  # oldest first
+        # Set by a commit that failed: the batches queued behind it write nothing.
+        self._commit_failed = threading.Event()
         self._fenced: telemetry_db.Fenced | None = None  # found in a rebalance callback
 
     # --- group membership --------------------------------------------------------------
@@ -251,6 +263,7 @@ class StreamConsumer:
             scorer.start()
         tune_gc()
         self._committer = ThreadPoolExecutor(1, thread_name_prefix=f"{self.member}-commit")
+        self._preparer = ThreadPoolExecutor(1, thread_name_prefix=f"{self.member}-prepare")
         self._conn = telemetry_db.connect(self.settings, autocommit=True)
         self._consumer = Consumer(
             consumer_config(self.settings, self.member, error_cb=self._on_error)
@@ -299,6 +312,8 @@ class StreamConsumer:
         finally:
             self._committer.shutdown()  # leaving on an error: a commit running ends first
             self._committer = None
+            self._preparer.shutdown()
+            self._preparer = None
             for scorer in self.scorers or ():
                 scorer.stop()
             self.report.seconds = time.monotonic() - started
@@ -339,7 +354,6 @@ class StreamConsumer:
         changed = {p for p in changed if self.offsets.get(p) is not None}
         if not changed:
             return
-        import pandas as pd
 
         commits = [
             telemetry_db.PartitionCommit(p, offset, self.epochs[p], self.states[p].encode())
@@ -350,8 +364,8 @@ class StreamConsumer:
             self._with_database(
                 "closing idle cars",
                 lambda conn: telemetry_db.commit_batch(
-                    conn, group_id=self.group, topic=self.topic, samples=pd.DataFrame(),
-                    events=pd.DataFrame(), windows=windows, dead_letters=[], run_ends=[],
+                    conn, group_id=self.group, topic=self.topic,
+                    rows=telemetry_db.batch_rows(windows=windows), run_ends=[],
                     partitions=commits,
                 ),
             )  # fmt: skip
@@ -380,12 +394,12 @@ class StreamConsumer:
             self._first_message, self._first_cpu = started, time.process_time()
         lags = self._lags()
         batch = compose.compose(
-            messages, self.states, self.window, self.scorers or (),
+            messages, self.states, self.window, with_features=bool(self.scorers),
             runs_seen=self._runs_seen, max_message_bytes=self.settings.max_message_bytes,
             caught_up={p for p, lag in lags.items() if lag == 0},
             now_us=time.time_ns() // 1000,
         )  # fmt: skip
-        decoded, result, scored = batch.decoded, batch.result, batch.scored
+        decoded, result = batch.decoded, batch.result
         next_offsets = decoded.next_offsets
         # Partitions that closed idle cars but had no message: their state (and
         # epoch check) goes in the same commit, at their stored offsets.
@@ -395,6 +409,8 @@ class StreamConsumer:
             if (offset := self.offsets.get(p)) is not None
         }
         dead_rows = self._dead_letter(decoded.dead)
+        assert self._preparer is not None
+        prepared = self._preparer.submit(self._prepare, batch, dead_rows)
         commits = [
             telemetry_db.PartitionCommit(p, offset, self.epochs[p], self.states[p].encode())
             for p, offset in sorted({**resting, **next_offsets}.items())
@@ -419,7 +435,7 @@ class StreamConsumer:
             update = live_feed.batch_update(
                 consumer=self.member,
                 samples=result.columns,
-                predictions=scored.get("telemetry_predictions"),
+                predictions=batch.scored.get("telemetry_predictions"),
                 alerts=result.events,
                 latency_ms=(p50, p99),
                 committed_us=written_us,
@@ -459,20 +475,27 @@ class StreamConsumer:
 
         def commit() -> Callable[[], None]:
             # On the commit thread, while the next batch is composed.
-            stages = _Stages(polled_us, composed_us, time.time_ns() // 1000)
+            if self._commit_failed.is_set():  # a batch before this one failed
+                raise _Skipped
+            try:
+                return write()
+            except BaseException:
+                self._commit_failed.set()
+                raise
+
+        def write() -> Callable[[], None]:
+            taken_us = time.time_ns() // 1000
+            rows = prepared.result()
+            stages = _Stages(polled_us, composed_us, taken_us, time.time_ns() // 1000)
             skipped = self._with_database(
                 "committing a batch",
                 lambda conn: telemetry_db.commit_batch(
                     conn,
                     group_id=self.group,
                     topic=self.topic,
-                    samples=result.columns,
-                    events=result.events,
-                    windows=result.windows,
-                    dead_letters=dead_rows,
+                    rows=rows,
                     run_ends=run_ends,
                     partitions=commits,
-                    extra_tables=scored,
                     new_runs=new_runs,
                     metrics=batch_metrics,
                     live_channel=self.settings.live_channel,
@@ -489,38 +512,70 @@ class StreamConsumer:
         # runs); should this one be fenced, the consumer rejoins and drops both.
         self.offsets.update(next_offsets)
         self._runs_seen.update(decoded.new_runs)
-        if not self._settle():  # the batch before was fenced: this one is void too
+        # Up to COMMITS_IN_FLIGHT batches queue for the commit thread, so that
+        # composing, preparing and committing all overlap; should one be fenced,
+        # the consumer rejoins and drops it and every batch after it.
+        if not self._settle(keep=COMMITS_IN_FLIGHT - 1):
             return
         # Counted in this batch's row: the next batch's row counts what comes after.
         client_errors = broker_errors - decoded.broker_errors
         self._client_errors -= client_errors
         self._pending_resets -= state_resets
         assert self._committer is not None
-        self._in_flight = _InFlight(self._committer.submit(commit), client_errors, state_resets)
+        self._in_flight.append(
+            _InFlight(self._committer.submit(commit), client_errors, state_resets)
+        )
         if not self.settings.stream_commit_overlap:
             self._settle()
 
-    def _settle(self, *, in_callback: bool = False) -> bool:
-        """Wait for the batch in flight to commit, and do its bookkeeping. False
-        if it was fenced: the consumer has rejoined (or, in a rebalance
-        callback, will rejoin when the poll returns). A database that stayed
-        unreachable raises DatabaseUnavailable here."""
-        if self._in_flight is None:
-            return True
-        in_flight, self._in_flight = self._in_flight, None
-        try:
-            account = in_flight.commit.result()
-        except telemetry_db.Fenced as err:
-            # Its counts go in the next row that commits.
-            self._client_errors += in_flight.client_errors
-            self._pending_resets += in_flight.state_resets
-            if in_callback:  # no rejoining inside the client's callback
-                self._fenced = err
-            else:
-                self._rejoin(err)
-            return False
-        account()
+    def _prepare(
+        self, batch: compose.ComposedBatch, dead_rows: list[tuple[Any, ...]]
+    ) -> telemetry_db.BatchRows:
+        """On the prepare thread: the models' scores, then every table's rows."""
+        result = batch.result
+        return telemetry_db.batch_rows(
+            samples=result.columns, events=result.events, windows=result.windows,
+            dead_letters=dead_rows, extra_tables=batch.score(self.scorers or ()),
+        )  # fmt: skip
+
+    def _settle(self, *, in_callback: bool = False, keep: int = 0) -> bool:
+        """Wait for the batches in flight to commit, oldest first, until `keep`
+        remain, and do their bookkeeping. False if one was fenced: those after it
+        are void too, and the consumer has rejoined (or, in a rebalance callback,
+        will rejoin when the poll returns). A database that stayed unreachable
+        raises DatabaseUnavailable here."""
+        while len(self._in_flight) > keep:
+            in_flight = self._in_flight.popleft()
+            try:
+                account = in_flight.commit.result()
+            except telemetry_db.Fenced as err:
+                self._void(in_flight)
+                self._drain()
+                if in_callback:  # no rejoining inside the client's callback
+                    self._fenced = err
+                else:
+                    self._rejoin(err)
+                return False
+            except BaseException:
+                self._drain()
+                raise
+            account()
         return True
+
+    def _drain(self) -> None:
+        """After a failed commit: wait out the batches queued behind it (each
+        skipped its writes), count theirs again, and let commits run again."""
+        while self._in_flight:
+            later = self._in_flight.popleft()
+            with contextlib.suppress(BaseException):  # _Skipped, nothing written
+                later.commit.result()
+            self._void(later)
+        self._commit_failed.clear()
+
+    def _void(self, in_flight: _InFlight) -> None:
+        # A batch not committed: its counts go in the next row that commits.
+        self._client_errors += in_flight.client_errors
+        self._pending_resets += in_flight.state_resets
 
     def _account(
         self,
@@ -630,6 +685,10 @@ class DeadLettersUndelivered(RuntimeError):
     pass
 
 
+class _Skipped(Exception):
+    """A batch not committed because one queued before it failed."""
+
+
 @dataclass
 class _InFlight:
     """A batch being committed, and the client errors and state resets its
@@ -642,18 +701,21 @@ class _InFlight:
 
 @dataclass
 class _Stages:
-    """When a batch was polled, composed, and taken by the commit thread (µs)."""
+    """When a batch was polled, composed, taken by the commit thread, and had its
+    rows from the prepare thread (µs)."""
 
     polled_us: int
     composed_us: int
     commit_started_us: int
+    prepared_us: int
 
     def record(self, into: dict[str, list[float]], produced: Any, committed_us: int) -> None:
         into.setdefault("produce_to_poll", []).extend(((self.polled_us - produced) / 1000).tolist())
         for stage, ms in (
             ("compose", (self.composed_us - self.polled_us) / 1000),
             ("wait_for_commit_thread", (self.commit_started_us - self.composed_us) / 1000),
-            ("commit", (committed_us - self.commit_started_us) / 1000),
+            ("prepare", (self.prepared_us - self.commit_started_us) / 1000),
+            ("commit", (committed_us - self.prepared_us) / 1000),
         ):
             into.setdefault(stage, []).append(ms)
 

@@ -57,8 +57,9 @@ def batch_update(
     # The latest sample of each car in this batch (positions, so predictions align).
     run_ids = np.asarray(samples["run_id"], dtype=object)
     drivers = np.asarray(samples["driver"], dtype=object)
-    keys = [f"{r}:{d}" for r, d in zip(run_ids, drivers, strict=True)]
-    cars, _ = pd.factorize(np.array(keys, dtype=object))
+    run_codes, _ = pd.factorize(run_ids)
+    driver_codes, names = pd.factorize(drivers)
+    cars, _ = pd.factorize(run_codes * len(names) + driver_codes)  # (run, driver), as met
     order = np.lexsort((np.asarray(samples["date_us"]), cars))
     by_car = cars[order]
     last = order[np.r_[by_car[1:] != by_car[:-1], True]]

@@ -135,15 +135,17 @@ def process(
         empty["is_late"], empty["anomalies"] = np.zeros(0, dtype=bool), np.empty(0, dtype=object)
         return BatchResult(columns=empty, events=_event_log(empty, [], [], []))
     frame = frame.copy()  # columns are added below
-    runs, numbers = frame["run_id"].tolist(), frame["driver_number"].tolist()
-    frame["car"] = np.array([f"{r}:{n}" for r, n in zip(runs, numbers, strict=True)], dtype=object)
     # Grouped by partition and car: a car found in two partitions (moved by a
     # partition increase) keeps two states, and the database keys settle overlaps.
-    cars, partitions_of = frame["car"].tolist(), frame["partition"].tolist()
-    groups = [f"{c}@{p}" for c, p in zip(cars, partitions_of, strict=True)]
-    codes, _ = pd.factorize(np.array(groups, dtype=object))
+    # Each group is a number (`car_group`, in order of first appearance): its key
+    # text ("run:driver") is made once per group, not once per row.
+    run_codes, _ = pd.factorize(frame["run_id"])
+    car = run_codes * 1000 + frame["driver_number"]  # driver numbers are 0-999 (schema)
+    codes, _ = pd.factorize(car * (int(frame["partition"].max()) + 1) + frame["partition"])
     if (np.diff(codes) < 0).any():  # not grouped yet
-        frame = frame.take(np.argsort(codes, kind="stable"))
+        order = np.argsort(codes, kind="stable")
+        frame, codes = frame.take(order), codes[order]
+    frame["car_group"] = codes
     refused = _out_of_bounds(frame, states, config)
     partitions, offsets = frame["partition"], frame["offset"]
     rejected = [(int(partitions[row]), int(offsets[row]), why) for row, why in refused.items()]
@@ -163,7 +165,6 @@ def process(
     gap_s = np.full(n, np.nan)
     outliers = {channel: np.zeros(n, dtype=bool) for channel in anomaly.RATE_FLOOR}
 
-    car_values = frame["car"]
     edges = _car_edges(frame)
     date_us = frame["date_us"]
     seq = frame["seq"]
@@ -174,7 +175,7 @@ def process(
     }  # channel -> (rows, history, rates) of each car, judged together below
     feature_cars: list[tuple[np.ndarray, CarState]] = []
     for lo, hi in itertools.pairwise(edges):
-        key = str(car_values[lo])
+        key = car_key(frame, lo)
         state = _car_state(states[int(partition[lo])], key, frame, lo)
         state.seen_wall_us = now_us
         if state.idle:  # back after a silence: its windows closed, its history starts anew
@@ -281,14 +282,17 @@ def _without(lo: int, hi: int, value: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in ((lo, value), (value + 1, hi)) if a < b]
 
 
+def car_key(frame: Columns, row: int) -> str:
+    """The key of the row's car in its partition's state: "run_id:driver_number"."""
+    return f"{frame['run_id'][row]}:{frame['driver_number'][row]}"
+
+
 def _car_edges(frame: Columns) -> list[int]:
     """Row bounds of each (partition, car) group of a grouped frame."""
     import numpy as np
 
-    car = frame["car"]
-    partition = frame["partition"]
-    change = (car[1:] != car[:-1]) | (partition[1:] != partition[:-1])
-    return [0, *(np.flatnonzero(change) + 1).tolist(), len(frame)]
+    group = frame["car_group"]
+    return [0, *(np.flatnonzero(group[1:] != group[:-1]) + 1).tolist(), len(frame)]
 
 
 def _run_clocks(state: PartitionState) -> dict[str, tuple[int | None, int]]:
@@ -332,13 +336,13 @@ def _out_of_bounds(
     seq = frame["seq"]
     partition = frame["partition"]
     run = frame["run_id"]
-    car_values = frame["car"]
     reasons: dict[int, str] = {}
     clocks = {p: _run_clocks(states[p]) for p in {int(x) for x in np.unique(partition)}}
     in_batch: dict[tuple[int, str], tuple[float | None, float | None]] = {}
     for lo, hi in itertools.pairwise(_car_edges(frame)):
         p, run_id = int(partition[lo]), str(run[lo])
-        car = states[p].cars.get(str(car_values[lo]))
+        key = car_key(frame, lo)
+        car = states[p].cars.get(key)
         run_date, run_seq = clocks[p].get(run_id, (None, -1))
         if (p, run_id) not in in_batch:
             rows = (partition == p) & (run == run_id)
@@ -370,7 +374,7 @@ def _out_of_bounds(
             if too_late[i]:
                 reasons[lo + i] = (
                     f"event time {(date_us[lo + i] - (ref or dates[0])) / 1e6:.0f} s ahead of "
-                    f"car {car_values[lo]}'s clock (the most is "
+                    f"car {key}'s clock (the most is "
                     f"{config.max_event_time_ahead_s:g} s)"
                 )
             else:
@@ -489,9 +493,13 @@ def _fold_windows(
 ) -> list[dict[str, Any]]:
     """Merge the batch's partial windows into each car's open ones and close
     every window its watermark has passed."""
+    import numpy as np
+
     closed: list[dict[str, Any]] = []
-    for (partition, key), new in partials(on_time, config.window_us).items():
-        car = states[partition].cars[key]
+    groups = on_time["car_group"]  # ascending: the frame is grouped in code order
+    for group, new in partials(on_time, config.window_us).items():
+        row = int(np.searchsorted(groups, group))
+        car = states[int(on_time["partition"][row])].cars[car_key(on_time, row)]
         by_start = {w.start_us: w for w in car.open_windows}
         for window in new:
             if window.start_us in by_start:

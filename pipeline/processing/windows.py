@@ -84,11 +84,10 @@ def window_starts(date_us: np.ndarray, window_us: int) -> np.ndarray:
     return (date_us // window_us) * window_us
 
 
-def partials(
-    samples: pd.DataFrame | Columns, window_us: int
-) -> dict[tuple[int, str], list[WindowPartial]]:
-    """Aggregate on-time samples per (partition, car) and window. `samples` is
-    grouped by partition and car, each car's rows in arrival order.
+def partials(samples: pd.DataFrame | Columns, window_us: int) -> dict[int, list[WindowPartial]]:
+    """Aggregate on-time samples per car (its `car_group`) and window. `samples` is
+    grouped by partition and car (`car_group`, a number per group), each car's
+    rows in arrival order.
 
     Plain numpy over the batch (a sort, bincount and reduceat): pandas' groupby
     cost several milliseconds per batch whatever its size, most of a consumer's
@@ -98,10 +97,9 @@ def partials(
     if samples.empty:
         return {}
     start = window_starts(np.asarray(samples["date_us"]), window_us)
-    partition = np.asarray(samples["partition"])
-    car = np.asarray(samples["car"])
+    group = np.asarray(samples["car_group"])
     new_car = np.ones(len(samples), dtype=bool)
-    new_car[1:] = (car[1:] != car[:-1]) | (partition[1:] != partition[:-1])
+    new_car[1:] = group[1:] != group[:-1]
     car_code = np.cumsum(new_car) - 1  # rows are grouped by (partition, car)
     window_index = start // window_us
     key = car_code * (2**31) + (window_index - window_index.min())
@@ -137,9 +135,9 @@ def partials(
         gear[order[bounds]].tolist(), gear[order[last]].tolist(),
     ]  # fmt: skip
     first_row = order[bounds]
-    by_car: dict[tuple[int, str], list[WindowPartial]] = {}
+    by_car: dict[int, list[WindowPartial]] = {}
     for i, row in enumerate(first_row.tolist()):
-        by_car.setdefault((int(partition[row]), str(car[row])), []).append(
+        by_car.setdefault(int(group[row]), []).append(
             WindowPartial(int(start[row]), *(column[i] for column in columns))
         )
     return by_car

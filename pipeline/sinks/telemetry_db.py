@@ -171,20 +171,32 @@ def end_stalled_owners(
 _column_types: dict[str, dict[str, str]] = {}  # table -> column -> format_type
 
 
+@dataclass(frozen=True)
+class Encoded:
+    """A table's rows as binary COPY data, encoded ahead of the transaction."""
+
+    data: bytes
+    rows: int
+
+    def __len__(self) -> int:
+        return self.rows
+
+
 def _copy(conn: psycopg.Connection, table: str, columns: Sequence[str], rows: Any) -> None:
-    """COPY `rows` into `table`: columns (a `Columns` or a DataFrame) in PostgreSQL's
-    binary format, encoded from Arrow in one call (no Python per row: psycopg's
-    write_row was most of a batch, and Arrow's CSV a fifth of the consumer's CPU);
-    a short list of tuples row by row."""
+    """COPY `rows` into `table`: columns (a `Columns` or a DataFrame, or `Encoded`)
+    in PostgreSQL's binary format, encoded from Arrow in one call (no Python per
+    row: psycopg's write_row was most of a batch, and Arrow's CSV a fifth of the
+    consumer's CPU); a short list of tuples row by row."""
     if isinstance(rows, list):
         with conn.cursor().copy(_copy_statement(table, tuple(columns), binary=False)) as copy:
             for row in rows:
                 copy.write_row(row)
         return
-    types = table_types(conn, table)
+    if not isinstance(rows, Encoded):
+        rows = Encoded(binary_copy(rows, columns, table_types(conn, table)), len(rows))
     with conn.cursor().copy(_copy_statement(table, tuple(columns), binary=True)) as copy:
         faults.point(get_settings(), faults.IN_COPY)
-        copy.write(binary_copy(rows, columns, types))
+        copy.write(rows.data)
 
 
 @functools.cache
@@ -356,23 +368,67 @@ class PartitionCommit:
 BatchMetrics = Callable[[dict[str, int]], tuple[dict[str, Any], bytes | None]]
 
 
+@dataclass
+class BatchRows:
+    """One batch's rows, per table (table, columns, rows), as `commit_batch` writes
+    them: each encoded as binary COPY data already where this process knows the
+    table's types (`table_types`, from its first write), so a consumer encodes a
+    batch beside the transaction of the one before rather than inside its own."""
+
+    tables: list[tuple[str, Sequence[str], Any]]
+
+    def __len__(self) -> int:
+        return sum(len(rows) for _, _, rows in self.tables)
+
+
+def batch_rows(
+    *,
+    samples: pd.DataFrame | Columns | None = None,
+    events: pd.DataFrame | Columns | None = None,
+    windows: Sequence[dict[str, Any]] = (),
+    dead_letters: list[tuple[Any, ...]] | None = None,
+    extra_tables: Mapping[str, pd.DataFrame | Columns] | None = None,
+) -> BatchRows:
+    """A batch's processed samples, anomaly events, closed windows, dead letters
+    and extra tables (e.g. the models' predictions) as the tables' rows."""
+    tables: list[tuple[str, Sequence[str], Any]] = []
+    if samples is not None and len(samples):
+        tables.append(("telemetry_samples", SAMPLE_COLUMNS, sample_rows(samples)))
+    if events is not None and len(events):
+        tables.append(("anomaly_events", EVENT_COLUMNS, _with_event_time(events)))
+    if windows:
+        tables.append(("telemetry_windows", WINDOW_COLUMNS, _window_columns(windows)))
+    if dead_letters:
+        tables.append(("dead_letters", DEAD_LETTER_COLUMNS, dead_letters))
+    for table, rows in (extra_tables or {}).items():
+        if len(rows):
+            tables.append((table, list(rows.columns), rows))
+    return BatchRows(
+        [(table, columns, _encoded(table, columns, rows)) for table, columns, rows in tables]
+    )
+
+
+def _encoded(table: str, columns: Sequence[str], rows: Any) -> Any:
+    types = _column_types.get(table)
+    if types is None or isinstance(rows, list):  # the COPY encodes it (and learns the types)
+        return rows
+    return Encoded(binary_copy(rows, columns, types), len(rows))
+
+
 def commit_batch(
     conn: psycopg.Connection,
     *,
     group_id: str,
     topic: str,
-    samples: pd.DataFrame | Columns,
-    events: pd.DataFrame | Columns,
-    windows: list[dict[str, Any]],
-    dead_letters: list[tuple[Any, ...]],
+    rows: BatchRows,
     run_ends: list[tuple[str, int, int]],
     partitions: list[PartitionCommit],
-    extra_tables: Mapping[str, pd.DataFrame | Columns] | None = None,
     new_runs: Sequence[tuple[str, str, str]] = (),
     metrics: BatchMetrics | None = None,
     live_channel: str = "",
 ) -> dict[str, int]:
-    """Write one batch's rows, offsets and state atomically (or raise Fenced).
+    """Write one batch's rows (`batch_rows`), offsets and state atomically (or
+    raise Fenced).
     `new_runs`: (run_id, session_key, source) of runs this consumer has not seen
     before, recorded with the topic (so scratch runs are found and removed even
     when no producer of ours registered them). `metrics` gives the batch's
@@ -385,19 +441,7 @@ def commit_batch(
 
     if not conn.autocommit:
         raise ValueError("commit_batch needs an autocommit connection (connect(autocommit=True))")
-    tables: list[tuple[str, Sequence[str], Any]] = []
-    if len(samples):
-        tables.append(("telemetry_samples", SAMPLE_COLUMNS, sample_rows(samples)))
-    if len(events):
-        tables.append(("anomaly_events", EVENT_COLUMNS, _with_event_time(events)))
-    if windows:
-        tables.append(("telemetry_windows", WINDOW_COLUMNS, _window_columns(windows)))
-    if dead_letters:
-        tables.append(("dead_letters", DEAD_LETTER_COLUMNS, dead_letters))
-    for table, rows in (extra_tables or {}).items():  # e.g. the models' predictions
-        if len(rows):
-            tables.append((table, list(rows.columns), rows))
-    batch = (group_id, topic, partitions, new_runs, tables, run_ends, metrics, live_channel)
+    batch = (group_id, topic, partitions, new_runs, rows.tables, run_ends, metrics, live_channel)
     try:
         return _write_batch(conn, *batch, skip_stored=False)
     except psycopg.errors.UniqueViolation:
@@ -482,7 +526,7 @@ def _roll_back(conn: psycopg.Connection) -> None:
         log.warning("the connection was lost while rolling a batch back", exc_info=True)
 
 
-def _window_columns(windows: list[dict[str, Any]]) -> Columns:
+def _window_columns(windows: Sequence[dict[str, Any]]) -> Columns:
     """Closed windows (dicts, a few per car and batch) as columns, for binary COPY."""
     import numpy as np
 

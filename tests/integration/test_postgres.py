@@ -119,8 +119,7 @@ def test_a_batch_commits_its_metrics_and_live_notice_with_its_rows_or_none(
 
     def commit(conn: psycopg.Connection, epoch: int) -> None:
         telemetry_db.commit_batch(
-            conn, group_id=group, topic=topic, samples=[], events=[], windows=[],
-            dead_letters=[], run_ends=[],
+            conn, group_id=group, topic=topic, rows=telemetry_db.batch_rows(), run_ends=[],
             partitions=[telemetry_db.PartitionCommit(0, len(asked) + 1, epoch, b"")],
             metrics=metrics, live_channel=channel,
         )  # fmt: skip
