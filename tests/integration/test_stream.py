@@ -281,3 +281,69 @@ def test_scratch_rows_go_even_for_runs_no_producer_of_ours_registered(stack: Set
             "SELECT count(*) FROM telemetry_samples WHERE run_id = %s", (run,)
         ).fetchone()
     assert left == (0,)
+
+
+class _ModelBroke(RuntimeError):
+    pass
+
+
+class _ScorerFailingAt:
+    """A model that fails on its Nth batch, as a corrupt one would, and otherwise
+    scores nothing: the fault meets a batch whose commit has later ones queued
+    behind it (the models score on the prepare thread, ahead of the commit)."""
+
+    table = "telemetry_predictions"
+
+    def __init__(self, failing_batch: int) -> None:
+        self.failing_batch = failing_batch
+        self.batches = 0
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def score(self, samples: Any, features: Any) -> Any:
+        from pipeline.processing.columns import Columns
+
+        self.batches += 1
+        if self.batches == self.failing_batch:
+            raise _ModelBroke(f"batch {self.batches}")
+        return Columns({}, 0)
+
+
+def test_a_failed_commit_voids_the_batches_queued_behind_it(
+    isolated: tuple[Settings, dict[str, str]], race: pd.DataFrame
+) -> None:
+    settings, _ = isolated
+    run = f"void-{uuid.uuid4().hex[:6]}"
+    seconds = 600.0
+    produce_session(
+        settings.export_dir / RACE, speed=None, run_id=run, duration_s=seconds, settings=settings
+    )
+    small = settings.model_copy(update={"stream_batch_size": 200})
+    failing = _ScorerFailingAt(failing_batch=6)
+    with pytest.raises(_ModelBroke):
+        StreamConsumer("breaks", settings=small, scorers=[failing]).run(
+            until_run=run, idle_timeout_s=60
+        )
+    # Stored: whole batches up to the failed one, none after it, so each
+    # partition's rows are the offsets before its committed one, without a gap.
+    with telemetry_db.connect(settings) as conn:
+        committed: dict[int, int | None] = dict(
+            conn.execute(
+                "SELECT topic_partition, next_offset FROM consumer_offsets "
+                "WHERE group_id = %s AND topic = %s",
+                (settings.consumer_group, settings.telemetry_topic),
+            ).fetchall()
+        )
+        offsets = conn.execute(
+            "SELECT topic_partition, array_agg(kafka_offset ORDER BY kafka_offset) "
+            "FROM telemetry_samples WHERE run_id = %s GROUP BY 1",
+            (run,),
+        ).fetchall()
+    assert offsets, "the batches before the failed one were committed"
+    for partition, stored in offsets:
+        assert stored == list(range(committed[partition] or 0)), partition
+    StreamConsumer("successor", settings=settings, scorers=[]).run(until_run=run, idle_timeout_s=60)
+    first = race["session_time_s"].iloc[0]
+    assert_exactly_once(settings, run, race[race["session_time_s"] < first + seconds])
