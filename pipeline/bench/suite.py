@@ -584,9 +584,9 @@ def latency(ctx: _Context) -> Section:
             f"section's replay, at 10x from {source_10x}. The 1x figure split by stage, "
             "from the same report: produce to poll (Kafka, plus the time the consumer was "
             "busy with the batch before), composing the batch, waiting for the batch "
-            "before to commit, waiting for its scores and COPY data (prepared on a "
-            "thread of their own, beside the transaction before), and its own "
-            "transaction. Produce-to-browser: a 1x replay "
+            "before to commit, its transaction begun (BEGIN and the fences) and waiting for "
+            "its scores and COPY data (prepared on a thread of their own, beside the "
+            "transaction before), and the rest of its transaction. Produce-to-browser: a 1x replay "
             f"watched for {ctx.loads.live_seconds:g} s on the live page in headless "
             "Chromium (`live_bench`, one consumer); per update of the replay, its batch's "
             "produce-to-commit p50 (p99), carried in the update, plus the time from the "
@@ -1016,7 +1016,7 @@ STAGES = {
     "produce_to_poll": "produce to poll (Kafka, and the consumer busy)",
     "compose": "composing its batch",
     "wait_for_commit_thread": "its batch waiting for the one before to commit",
-    "prepare": "its batch waiting for its scores and COPY data",
+    "prepare": "its transaction begun, waiting for its scores and COPY data",
     "commit": "its batch's transaction",
 }
 

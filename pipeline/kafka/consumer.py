@@ -484,9 +484,13 @@ class StreamConsumer:
                 raise
 
         def write() -> Callable[[], None]:
-            taken_us = time.time_ns() // 1000
-            rows = prepared.result()
-            stages = _Stages(polled_us, composed_us, taken_us, time.time_ns() // 1000)
+            stages = _Stages(polled_us, composed_us, time.time_ns() // 1000)
+
+            def rows() -> telemetry_db.BatchRows:  # asked for once the fences are set
+                got = prepared.result()
+                stages.prepared_us = stages.prepared_us or time.time_ns() // 1000
+                return got
+
             skipped = self._with_database(
                 "committing a batch",
                 lambda conn: telemetry_db.commit_batch(
@@ -702,12 +706,12 @@ class _InFlight:
 @dataclass
 class _Stages:
     """When a batch was polled, composed, taken by the commit thread, and had its
-    rows from the prepare thread (µs)."""
+    rows from the prepare thread, its transaction begun (µs)."""
 
     polled_us: int
     composed_us: int
     commit_started_us: int
-    prepared_us: int
+    prepared_us: int = 0
 
     def record(self, into: dict[str, list[float]], produced: Any, committed_us: int) -> None:
         into.setdefault("produce_to_poll", []).extend(((self.polled_us - produced) / 1000).tolist())

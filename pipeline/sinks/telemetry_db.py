@@ -420,7 +420,7 @@ def commit_batch(
     *,
     group_id: str,
     topic: str,
-    rows: BatchRows,
+    rows: BatchRows | Callable[[], BatchRows],
     run_ends: list[tuple[str, int, int]],
     partitions: list[PartitionCommit],
     new_runs: Sequence[tuple[str, str, str]] = (),
@@ -441,7 +441,7 @@ def commit_batch(
 
     if not conn.autocommit:
         raise ValueError("commit_batch needs an autocommit connection (connect(autocommit=True))")
-    batch = (group_id, topic, partitions, new_runs, rows.tables, run_ends, metrics, live_channel)
+    batch = (group_id, topic, partitions, new_runs, rows, run_ends, metrics, live_channel)
     try:
         return _write_batch(conn, *batch, skip_stored=False)
     except psycopg.errors.UniqueViolation:
@@ -456,7 +456,7 @@ def _write_batch(
     topic: str,
     partitions: list[PartitionCommit],
     new_runs: Sequence[tuple[str, str, str]],
-    tables: list[tuple[str, Sequence[str], Any]],
+    rows: BatchRows | Callable[[], BatchRows],
     run_ends: list[tuple[str, int, int]],
     metrics: BatchMetrics | None,
     live_channel: str,
@@ -493,6 +493,9 @@ def _write_batch(
         if fences and cursor.rowcount != len(fences):
             taken = [c.partition for c in fences]
             raise Fenced(f"one of partitions {taken} of {topic} was taken over")
+        # Rows still being prepared (a callable) are waited for only now: their
+        # scores and encoding overlap the round trip of BEGIN and the fences.
+        tables = (rows() if callable(rows) else rows).tables
         skipped = _copy_tables(conn, tables, skip_stored=skip_stored) if tables else {}
         skipped = {table: n for table, n in skipped.items() if n}
         with conn.pipeline():
