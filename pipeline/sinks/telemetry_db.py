@@ -193,7 +193,7 @@ def _copy(conn: psycopg.Connection, table: str, columns: Sequence[str], rows: An
                 copy.write_row(row)
         return
     if not isinstance(rows, Encoded):
-        rows = Encoded(binary_copy(rows, columns, table_types(conn, table)), len(rows))
+        rows = _encode(rows, columns, table_types(conn, table))
     with conn.cursor().copy(_copy_statement(table, tuple(columns), binary=True)) as copy:
         faults.point(get_settings(), faults.IN_COPY)
         copy.write(rows.data)
@@ -377,9 +377,6 @@ class BatchRows:
 
     tables: list[tuple[str, Sequence[str], Any]]
 
-    def __len__(self) -> int:
-        return sum(len(rows) for _, _, rows in self.tables)
-
 
 def batch_rows(
     *,
@@ -412,6 +409,10 @@ def _encoded(table: str, columns: Sequence[str], rows: Any) -> Any:
     types = _column_types.get(table)
     if types is None or isinstance(rows, list):  # the COPY encodes it (and learns the types)
         return rows
+    return _encode(rows, columns, types)
+
+
+def _encode(rows: Any, columns: Sequence[str], types: Mapping[str, str]) -> Encoded:
     return Encoded(binary_copy(rows, columns, types), len(rows))
 
 
