@@ -1,6 +1,12 @@
 """Serving the champions in the consumer: one native XGBoost Booster per model,
 one `inplace_predict` call per model per batch, on one thread.
 
+The models are lap-level: every sample of a car's lap carries the same features
+(`pipeline.ml.features`), so a batch of 5,000 samples holds a few dozen distinct
+rows. Each call predicts those only (`distinct_runs`) and the samples take their
+row's probability: the same numbers as predicting every sample, for a few
+dozen rows' work instead of thousands.
+
 Every `refresh_s` a background thread asks the registry where `champion` points
 (the hot path never waits on it); when it moves,
 the new version is loaded and checked (its features must be ones the stream
@@ -77,6 +83,23 @@ def load_booster(uri: str, settings: Settings) -> Any:
         )
     booster.set_param({"nthread": 1})  # one thread per model call: no oversubscription
     return booster
+
+
+def distinct_runs(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`matrix`'s rows with each run of equal consecutive rows taken once, and for
+    every row the position of its run: `matrix == distinct[runs]`. Equal means the
+    same bits (NaN included), so a model gives a run's rows one answer. One pass
+    over the rows, no sort: a batch comes grouped by car, so a lap's samples run
+    together (a row repeated apart from its run is only predicted twice)."""
+    import numpy as np
+
+    if len(matrix) < 2:
+        return matrix, np.zeros(len(matrix), dtype=np.intp)
+    bits = np.ascontiguousarray(matrix).view(f"u{matrix.dtype.itemsize}")
+    starts = np.empty(len(matrix), dtype=bool)
+    starts[0] = True
+    np.any(bits[1:] != bits[:-1], axis=1, out=starts[1:])
+    return matrix[starts], np.cumsum(starts) - 1
 
 
 FOLLOWER = "champion-follower"  # the thread following the aliases
@@ -196,17 +219,20 @@ class ChampionScorer:
         rows: dict[str, np.ndarray],
         label: str,
         served: Served | None,
-        scored: np.ndarray,
+        scored: tuple[np.ndarray, np.ndarray],
         domain: np.ndarray,
         role: str,
     ) -> None:
-        """`<label><role>_p`, `_version` (and the champion's `_alert`) for the batch."""
+        """`<label><role>_p`, `_version` (and the champion's `_alert`) for the batch.
+        `scored`: the in-domain rows' distinct features and each row's position
+        among them (`distinct_runs`)."""
         import numpy as np
 
         n = len(domain)
         p = np.full(n, np.nan)
-        if served is not None and len(scored):
-            p[domain] = served.booster.inplace_predict(scored[:, served.columns])
+        distinct, runs = scored
+        if served is not None and len(distinct):
+            p[domain] = served.booster.inplace_predict(distinct[:, served.columns])[runs]
         rows[f"{label}{role}_p"] = p if served is not None else np.full(n, None, dtype=object)
         version = int(served.version) if served is not None else None
         rows[f"{label}{role}_version"] = np.full(n, version, dtype=int if version else object)
@@ -252,7 +278,7 @@ class ChampionScorer:
         rows["in_domain"] = domain
         # The lap a prediction is for: live scores group by it, without a join.
         rows["lap_number"] = features["lap_number"].to_numpy(dtype=float)
-        scored = features.to_numpy(dtype="float32")[domain]  # columns: FEATURES
+        scored = distinct_runs(features.to_numpy(dtype="float32")[domain])  # columns: FEATURES
         for label in self.labels:
             self._columns(rows, label, self.served.get(label), scored, domain, "")
             shadow = self.shadow.get(label)

@@ -232,6 +232,12 @@ def test_predictions_ignore_the_car_number_use_the_threshold_and_skip_the_grid(
     assert rows.loc[~domain, "pit_stop_alert"].isna().all()
     inside = rows[domain]
     assert (inside["pit_stop_alert"] == (inside["pit_stop_p"] >= served.threshold)).all()
+    # Each lap's features predicted once (`distinct_runs`) give every sample what
+    # predicting every sample gives.
+    each = served.booster.inplace_predict(
+        features.to_numpy(dtype="float32")[domain][:, served.columns]
+    )
+    np.testing.assert_array_equal(inside["pit_stop_p"].to_numpy(), each.astype(float))
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ training (the whole race at once, or its lap table)."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 from pipeline.kafka.producer import message_columns
 from pipeline.ml.features import FEATURES, in_domain, lap_table_features, race_features
 from pipeline.ml.laps import Race, build_lap_table
+from pipeline.ml.serving import distinct_runs
 from pipeline.processing import batch
 from pipeline.processing.batch import PartitionState, WindowConfig
 from pipeline.settings import SAMPLE_FASTF1_CACHE
@@ -128,3 +130,26 @@ def test_samples_outside_a_lap_are_outside_the_domain(messages: pd.DataFrame) ->
     assert not domain[messages["lap_number"].isna().to_numpy()].any()  # grid, after the flag
     assert domain[messages["lap_number"].notna().to_numpy()].all()  # 2023: never stopped
     assert "is_in_lap" not in features  # known only at the pit entry: it would leak
+
+
+def test_a_consumer_batchs_features_are_a_few_distinct_rows(messages: pd.DataFrame) -> None:
+    """What the scorer predicts (`serving.distinct_runs`): each run of equal rows
+    once. A batch comes grouped by car and a lap's samples share its features, so
+    5,000 samples reduce to about one row per car and lap, and every sample gets
+    back exactly its own row (bit for bit, NaN included)."""
+    states, config = new_states(), WindowConfig()
+    sizes = []
+    for frame in cut(messages, np.arange(5_000, len(messages), 5_000)):
+        result = batch.process(frame, states, config, with_features=True)
+        assert result.features is not None
+        matrix = result.features.to_numpy(dtype="float32")
+        distinct, runs = distinct_runs(matrix)
+        assert distinct[runs].tobytes() == matrix.tobytes()
+        # Runs of equal rows: no two neighbours in `distinct` are the same.
+        assert all(a.tobytes() != b.tobytes() for a, b in itertools.pairwise(distinct))
+        sizes.append((len(matrix), len(distinct)))
+    rows, kept = map(sum, zip(*sizes, strict=True))
+    assert kept < rows / 20, f"{kept} distinct rows of {rows}"  # 2023: ~4 Hz, ~75 s laps
+    one, none = distinct_runs(matrix[:1]), distinct_runs(matrix[:0])
+    assert one[0].tobytes() == matrix[:1].tobytes() and one[1].tolist() == [0]
+    assert len(none[0]) == 0 and len(none[1]) == 0
