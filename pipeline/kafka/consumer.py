@@ -435,7 +435,7 @@ class StreamConsumer:
             update = live_feed.batch_update(
                 consumer=self.member,
                 samples=result.columns,
-                predictions=batch.scored.get("telemetry_predictions"),
+                predictions=batch.scored,
                 alerts=result.events,
                 latency_ms=(p50, p99),
                 committed_us=written_us,
@@ -539,7 +539,7 @@ class StreamConsumer:
         result = batch.result
         return telemetry_db.batch_rows(
             samples=result.columns, events=result.events, windows=result.windows,
-            dead_letters=dead_rows, extra_tables=batch.score(self.scorers or ()),
+            dead_letters=dead_rows, predictions=batch.score(self.scorers or ()),
         )  # fmt: skip
 
     def _settle(self, *, in_callback: bool = False, keep: int = 0) -> bool:

@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREDICTION_TABLE = "telemetry_predictions"
-
 
 class FeatureMismatch(ValueError):
     pass
@@ -109,8 +107,6 @@ class ChampionScorer:
     """Scores a batch's features with every model's current champion, and its
     challenger in shadow (`<label>_challenger_p`), so both are scored live on
     the same stream (`pipeline.ml.live_scores`)."""
-
-    table = PREDICTION_TABLE
 
     def __init__(
         self,
@@ -261,23 +257,16 @@ class ChampionScorer:
             self._follower = None
 
     def score(self, samples: pd.DataFrame | Columns, features: pd.DataFrame) -> Columns:
-        """Prediction rows for the batch: one predict call per model, over the
-        in-domain samples only."""
-        import numpy as np
-
+        """The batch's prediction columns, row for row with `samples` (stored in
+        their rows): one predict call per model, over the in-domain samples only."""
         from pipeline.processing.columns import Columns
 
         self.start()
-        date_us = np.asarray(samples["date_us"], dtype=np.int64)
-        rows: dict[str, np.ndarray] = {
-            name: np.asarray(samples[name])
-            for name in ("run_id", "session_key", "driver_number", "driver", "seq")
-        }  # driver: dashboards filter by it
-        rows["event_time"] = date_us.astype("datetime64[us]")  # UTC, as Columns' times are
         domain = in_domain(features)
-        rows["in_domain"] = domain
-        # The lap a prediction is for: live scores group by it, without a join.
-        rows["lap_number"] = features["lap_number"].to_numpy(dtype=float)
+        rows: dict[str, np.ndarray] = {"in_domain": domain}
+        # The lap a prediction is for (a straggler from an earlier lap takes the
+        # current lap's features): live scores group by it.
+        rows["predicted_lap"] = features["lap_number"].to_numpy(dtype=float)
         scored = distinct_runs(features.to_numpy(dtype="float32")[domain])  # columns: FEATURES
         for label in self.labels:
             self._columns(rows, label, self.served.get(label), scored, domain, "")
@@ -286,4 +275,4 @@ class ChampionScorer:
             if shadow and champion and shadow.version == champion.version:
                 shadow = None  # the same version twice: nothing to compare
             self._columns(rows, label, shadow, scored, domain, "_challenger")
-        return Columns(rows, len(date_us), frozenset({"lap_number"}))
+        return Columns(rows, len(samples), frozenset({"predicted_lap"}))

@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 class BatchScorer(Protocol):
     """The seam where models plug in: score a processed batch (its samples and
-    their features) with one call per model, returning rows for `table`."""
-
-    table: str
+    their features) with one call per model, returning prediction columns row for
+    row with the samples, stored in the samples' own rows
+    (`telemetry_db.PREDICTION_COLUMNS`)."""
 
     def start(self) -> None:
         """Get ready before the first batch (load models)."""
@@ -268,16 +268,22 @@ class ComposedBatch:
     decoded: Decoded
     result: batch_logic.BatchResult
     idled: set[int]  # partitions whose state changed by closing idle cars
-    scored: dict[str, Columns] = field(default_factory=dict)  # table -> the models' rows
+    scored: Columns | None = None  # the models' columns, row for row with the samples
 
-    def score(self, scorers: Sequence[BatchScorer]) -> dict[str, Columns]:
-        """The models' rows (one predict call per model), kept in `scored`. Apart
-        from `compose` so the consumer runs it on a thread of its own: XGBoost
-        predicts without the GIL, on the other core, while the next batch is
-        composed (the models were a third of a consumer's time)."""
+    def score(self, scorers: Sequence[BatchScorer]) -> Columns | None:
+        """The models' columns (one predict call per model), kept in `scored`.
+        Apart from `compose` so the consumer runs it on a thread of its own:
+        XGBoost predicts without the GIL, on the other core, while the next batch
+        is composed (the models were a third of a consumer's time)."""
         result = self.result
-        if len(result.columns) and result.features is not None:
-            self.scored = {s.table: s.score(result.columns, result.features) for s in scorers}
+        if len(result.columns) and result.features is not None and scorers:
+            scored = Columns({}, len(result.columns))
+            for scorer in scorers:
+                columns = scorer.score(result.columns, result.features)
+                for name in columns:
+                    scored[name] = columns[name]
+                scored.int_columns |= columns.int_columns
+            self.scored = scored
         return self.scored
 
 

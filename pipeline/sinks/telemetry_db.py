@@ -46,6 +46,13 @@ SAMPLE_COLUMNS = (
     "track_status", "resampled", "is_late", "anomalies", "topic_partition", "kafka_offset",
     "produced_at",
 )  # fmt: skip
+# The models' columns of a scored sample's row (`pipeline.ml.serving`; 0005 moved
+# them from a table of their own into the sample's row: one row per message).
+PREDICTION_COLUMNS = (
+    "in_domain", "predicted_lap",
+    *(f"{label}{column}" for label in ("pit_stop", "tire_failure", "crash_risk")
+      for column in ("_p", "_version", "_alert", "_challenger_p", "_challenger_version")),
+)  # fmt: skip
 WINDOW_COLUMNS = (
     "run_id", "session_key", "driver_number", "driver", "window_start", "window_end", "samples",
     "speed_min", "speed_avg", "speed_max", "rpm_min", "rpm_avg", "rpm_max",
@@ -338,8 +345,11 @@ def _with_event_time(rows: pd.DataFrame | Columns) -> Columns:
     return batch
 
 
-def sample_rows(samples: pd.DataFrame | Columns) -> Columns:
-    """Processed samples as the table's columns (times as timestamps)."""
+def sample_rows(
+    samples: pd.DataFrame | Columns, predictions: pd.DataFrame | Columns | None = None
+) -> Columns:
+    """Processed samples as the table's columns (times as timestamps), with the
+    models' `predictions` (row for row; PREDICTION_COLUMNS) when they were scored."""
     import numpy as np
 
     from pipeline.processing.columns import Columns
@@ -352,7 +362,20 @@ def sample_rows(samples: pd.DataFrame | Columns) -> Columns:
     at[known] = produced[known].astype(np.int64)
     rows["produced_at"] = at
     rows["topic_partition"], rows["kafka_offset"] = batch["partition"], batch["offset"]
-    return Columns({c: rows[c] for c in SAMPLE_COLUMNS}, len(batch), batch.int_columns)
+    table = Columns({c: rows[c] for c in SAMPLE_COLUMNS}, len(batch), batch.int_columns)
+    if predictions is not None:
+        scored = (
+            predictions if isinstance(predictions, Columns) else Columns.from_pandas(predictions)
+        )
+        if len(scored) != len(table):
+            raise ValueError(f"{len(scored)} predictions for {len(table)} samples")
+        unknown = [name for name in scored if name not in PREDICTION_COLUMNS]
+        if unknown:
+            raise ValueError(f"telemetry_samples has no prediction columns {unknown}")
+        for name in scored:  # a model not scored stays NULL
+            table[name] = scored[name]
+        table.int_columns = table.int_columns | scored.int_columns
+    return table
 
 
 @dataclass
@@ -384,22 +407,21 @@ def batch_rows(
     events: pd.DataFrame | Columns | None = None,
     windows: Sequence[dict[str, Any]] = (),
     dead_letters: list[tuple[Any, ...]] | None = None,
-    extra_tables: Mapping[str, pd.DataFrame | Columns] | None = None,
+    predictions: pd.DataFrame | Columns | None = None,
 ) -> BatchRows:
-    """A batch's processed samples, anomaly events, closed windows, dead letters
-    and extra tables (e.g. the models' predictions) as the tables' rows."""
+    """A batch's processed samples (with the models' `predictions` of them, row for
+    row, when scored), anomaly events, closed windows and dead letters as the
+    tables' rows."""
     tables: list[tuple[str, Sequence[str], Any]] = []
     if samples is not None and len(samples):
-        tables.append(("telemetry_samples", SAMPLE_COLUMNS, sample_rows(samples)))
+        rows = sample_rows(samples, predictions)
+        tables.append(("telemetry_samples", rows.columns, rows))
     if events is not None and len(events):
         tables.append(("anomaly_events", EVENT_COLUMNS, _with_event_time(events)))
     if windows:
         tables.append(("telemetry_windows", WINDOW_COLUMNS, _window_columns(windows)))
     if dead_letters:
         tables.append(("dead_letters", DEAD_LETTER_COLUMNS, dead_letters))
-    for table, rows in (extra_tables or {}).items():
-        if len(rows):
-            tables.append((table, list(rows.columns), rows))
     return BatchRows(
         [(table, columns, _encoded(table, columns, rows)) for table, columns, rows in tables]
     )
@@ -576,8 +598,8 @@ def _metrics_statement(columns: tuple[str, ...], *, notify: bool) -> sql.SQL:
 
 
 RUN_TABLES = (
-    "telemetry_samples", "telemetry_windows", "anomaly_events", "telemetry_predictions",
-    "stream_run_ends", "live_model_scores",
+    "telemetry_samples", "telemetry_windows", "anomaly_events", "stream_run_ends",
+    "live_model_scores",
 )  # fmt: skip
 
 

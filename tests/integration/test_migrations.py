@@ -17,15 +17,16 @@ from pipeline.settings import Settings
 from pipeline.sinks import migrations, telemetry_db
 
 # What the old code (SCHEMA_SQL, VIEWS_SQL) made: later migrations may add more.
+# telemetry_predictions was a table until 0005 moved its rows into the samples'.
 TABLES = {
     "stream_runs", "stream_run_ends", "telemetry_samples", "telemetry_windows",
-    "anomaly_events", "dead_letters", "stream_metrics", "telemetry_predictions",
-    "live_model_scores", "consumer_offsets",
+    "anomaly_events", "dead_letters", "stream_metrics", "live_model_scores",
+    "consumer_offsets",
 }  # fmt: skip
 VIEWS = {
     "dash_latest_runs", "dash_latest_samples", "dash_car_latest", "dash_recent_samples",
     "dash_windows", "dash_predictions", "dash_model_versions", "dash_live_scores",
-    "dash_anomalies", "dash_pipeline",
+    "dash_anomalies", "dash_pipeline", "telemetry_predictions",
 }  # fmt: skip
 NUMBERED, VIEWS_MIGRATION = migrations.read_migrations()
 ALL_FILES = [m.name for m in NUMBERED] + [VIEWS_MIGRATION.name]
@@ -228,3 +229,36 @@ def test_a_database_the_old_code_made_is_taken_over(scratch: psycopg.Connection)
     assert migrations.apply(scratch) == ALL_FILES
     assert "schema_applied" not in relations(scratch)
     assert scratch.execute("SELECT run_id FROM stream_runs").fetchall() == [("r1",)]
+
+
+def test_stored_predictions_move_into_their_samples_rows(scratch: psycopg.Connection) -> None:
+    # A database as it was before 0005: predictions in a table of their own.
+    for migration in NUMBERED:
+        if migration.name < "0005":
+            scratch.execute(migration.statements)
+    for seq in (0, 1, 2):
+        scratch.execute(
+            "INSERT INTO telemetry_samples (run_id, session_key, driver_number, driver, seq, "
+            "event_time, session_time_s, speed, rpm, gear, throttle, brake, drs_open, "
+            "lap_number, is_in_lap, is_out_lap, resampled, is_late, topic_partition, "
+            "kafka_offset) VALUES ('r1', 's', 44, 'HAM', %s, now(), %s, 200, 11000, 6, 100, "
+            "0, false, 7, false, false, false, false, 0, %s)",
+            (seq, float(seq), seq),
+        )
+    # seq 0 scored before in_domain existed, seq 1 outside the domain, seq 2 never scored.
+    scratch.execute(
+        "INSERT INTO telemetry_predictions (run_id, session_key, driver_number, seq, "
+        "event_time, pit_stop_p, pit_stop_version, lap_number, in_domain) VALUES "
+        "('r1', 's', 44, 0, now(), 0.25, 3, 7, NULL), ('r1', 's', 44, 1, now(), NULL, 3, 7, false)"
+    )
+    migrations.apply(scratch)
+    assert relations(scratch)["telemetry_predictions"] == "VIEW"
+    rows = scratch.execute(
+        "SELECT seq, in_domain, lap_number, pit_stop_p, pit_stop_version, driver "
+        "FROM telemetry_predictions WHERE run_id = 'r1' ORDER BY seq"
+    ).fetchall()
+    assert rows == [(0, True, 7, 0.25, 3, "HAM"), (1, False, 7, None, 3, "HAM")]
+    unscored = scratch.execute(
+        "SELECT in_domain, pit_stop_p FROM telemetry_samples WHERE run_id = 'r1' AND seq = 2"
+    ).fetchone()
+    assert unscored == (None, None)

@@ -292,8 +292,6 @@ class _ScorerFailingAt:
     scores nothing: the fault meets a batch whose commit has later ones queued
     behind it (the models score on the prepare thread, ahead of the commit)."""
 
-    table = "telemetry_predictions"
-
     def __init__(self, failing_batch: int) -> None:
         self.failing_batch = failing_batch
         self.batches = 0

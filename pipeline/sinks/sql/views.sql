@@ -17,6 +17,21 @@
 -- that start with run_id, so its cost follows the latest replay's size, never the
 -- number of replays (timings in superset/README.md).
 
+-- The models' predictions, one row per scored sample, as the table of that name had
+-- them (0005 moved them into the samples' rows): what the dashboards' views below, the
+-- live scores (pipeline.ml.live_scores) and ad-hoc SQL read. in_domain is NULL on a
+-- sample stored while no models were served.
+CREATE OR REPLACE VIEW telemetry_predictions AS
+SELECT run_id, session_key, driver_number, seq, event_time,
+       pit_stop_p, pit_stop_version, tire_failure_p, tire_failure_version,
+       crash_risk_p, crash_risk_version, committed_at, driver, in_domain,
+       predicted_lap AS lap_number, pit_stop_alert, tire_failure_alert, crash_risk_alert,
+       pit_stop_challenger_p, pit_stop_challenger_version,
+       tire_failure_challenger_p, tire_failure_challenger_version,
+       crash_risk_challenger_p, crash_risk_challenger_version
+FROM telemetry_samples
+WHERE in_domain IS NOT NULL;
+
 CREATE OR REPLACE VIEW dash_latest_runs AS
 SELECT DISTINCT ON (r.session_key)
        r.run_id, r.session_key, r.started_at, r.finished_at, r.speed, r.samples_delivered
