@@ -61,17 +61,9 @@ def row_fields(frame: pd.DataFrame | Columns) -> dict[str, np.ndarray]:
     floats. Plain Python over the text columns, not pandas string methods: those
     cost more than the rest of a small stream batch."""
     import numpy as np
-    import pandas as pd
-
-    def numeric(column: str) -> np.ndarray:
-        values = frame[column]
-        if isinstance(values, np.ndarray) and values.dtype.kind in "fiub":
-            return values.astype(float)  # the stream's columns are typed already
-        numbers = pd.to_numeric(pd.Series(values), errors="coerce")
-        return np.asarray(numbers.to_numpy(dtype=float, na_value=np.nan))
 
     fields = {
-        c: numeric(c)
+        c: _numeric(frame, c)
         for c in ("lap_number", "stint", "tyre_life", "position", "last_lap_s", "gap_ahead_s",
                   "race_laps")
     }  # fmt: skip
@@ -81,6 +73,18 @@ def row_fields(frame: pd.DataFrame | Columns) -> dict[str, np.ndarray]:
     statuses = np.asarray(frame["track_status"], dtype=object)
     fields["track_status_code"] = np.array([_status_code(v) for v in statuses], dtype=float)
     return fields
+
+
+def _numeric(frame: pd.DataFrame | Columns, column: str) -> np.ndarray:
+    """A column as floats (NaN where missing or not a number)."""
+    import numpy as np
+    import pandas as pd
+
+    values = frame[column]
+    if isinstance(values, np.ndarray) and values.dtype.kind in "fiub":
+        return values.astype(float)  # the stream's columns are typed already
+    numbers = pd.to_numeric(pd.Series(values), errors="coerce")
+    return np.asarray(numbers.to_numpy(dtype=float, na_value=np.nan))
 
 
 def _compound_code(value: object) -> float:
@@ -157,21 +161,28 @@ def batch_features(
     import numpy as np
     import pandas as pd
 
-    fields = row_fields(frame)
-    matrix = np.column_stack([fields[f] for f in ROW_FIELDS]) if len(frame) else None
+    lap_numbers = _numeric(frame, "lap_number")
+    # A lap starts at the first sample past the highest lap seen; a straggler from
+    # an earlier lap takes the current lap's features (it cannot go back).
+    car_starts = []  # each car's lap starts, as positions in its `rows`
+    for rows, previous in cars:
+        laps = lap_numbers[rows]
+        seen = np.fmax.accumulate(np.concatenate((_fresh_history(previous)["lap"], laps)))[:-1]
+        car_starts.append(np.flatnonzero((laps > seen) | (np.isnan(seen) & ~np.isnan(laps))))
+    # The lap rows' fields only where laps start (a handful per batch): reading
+    # the text fields takes Python per row, a tenth of composing a whole batch.
+    pairs = zip(cars, car_starts, strict=True)
+    at = np.concatenate([rows[starts] for (rows, _), starts in pairs]) if cars else np.zeros(0, int)
+    fields = row_fields(_rows_of(frame, at))
+    matrix = iter(np.column_stack([fields[f] for f in ROW_FIELDS]).tolist() if len(at) else [])
     out = np.full((len(frame), len(FEATURES)), np.nan)
     histories = []
-    for rows, previous in cars:
+    for (rows, previous), starts in zip(cars, car_starts, strict=True):
         history = _fresh_history(previous)
-        laps = fields["lap_number"][rows]
-        # A lap starts at the first sample past the highest lap seen; a straggler
-        # from an earlier lap takes the current lap's features (it cannot go back).
-        seen = np.fmax.accumulate(np.concatenate((history["lap"], laps)))[:-1]
-        starts = np.flatnonzero((laps > seen) | (np.isnan(seen) & ~np.isnan(laps)))
+        laps = lap_numbers[rows]
         lap_rows = [history.get("current", [math.nan] * len(FEATURES))]
-        for start in starts:
-            assert matrix is not None
-            lap_rows.append(list(_lap_row(matrix[rows[start]], history)))
+        for _ in starts:  # `matrix` holds them in this order
+            lap_rows.append(list(_lap_row(next(matrix), history)))
         which = np.zeros(len(rows), dtype=int)
         which[starts] = np.arange(1, len(starts) + 1)
         which = np.maximum.accumulate(which)
@@ -183,6 +194,11 @@ def batch_features(
     chosen = np.concatenate([rows for rows, _ in cars]) if cars else np.array([], dtype=int)
     features = pd.DataFrame(out[chosen], columns=list(FEATURES), index=chosen)
     return features, histories
+
+
+def _rows_of(frame: pd.DataFrame | Columns, at: np.ndarray) -> pd.DataFrame | Columns:
+    """The rows of `frame` at positions `at` (`row_fields` reads either kind)."""
+    return frame.iloc[at] if hasattr(frame, "iloc") else frame.take(at)
 
 
 def race_features(samples: pd.DataFrame) -> pd.DataFrame:
