@@ -36,7 +36,10 @@ CREATE OR REPLACE VIEW dash_latest_runs AS
 SELECT DISTINCT ON (r.session_key)
        r.run_id, r.session_key, r.started_at, r.finished_at, r.speed, r.samples_delivered
 FROM stream_runs AS r
-WHERE EXISTS (SELECT 1 FROM telemetry_samples AS s WHERE s.run_id = r.run_id)
+-- A probe per run, not EXISTS: with one run stored (the demo's), the planner turned
+-- EXISTS into a hash of the samples' every run_id, and each view below that filters
+-- on a session paid a scan of the whole table (dash_latest_samples 116 ms, 0.4 so).
+WHERE (SELECT true FROM telemetry_samples AS s WHERE s.run_id = r.run_id LIMIT 1)
 ORDER BY r.session_key, r.started_at DESC, r.run_id;
 
 -- Each car's latest sample in each latest run. The cars come from a skip scan over the
