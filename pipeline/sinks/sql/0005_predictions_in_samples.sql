@@ -29,7 +29,12 @@ ALTER TABLE telemetry_samples
     ADD COLUMN IF NOT EXISTS crash_risk_challenger_version integer;
 
 -- What is stored moves over: every prediction row was committed with its sample's.
--- Rows from before the domain existed (in_domain NULL) were scored whole.
+-- Rows from before the domain existed (in_domain NULL) were scored whole. This runs
+-- once, in the first process to start after the upgrade, and rewrites each scored
+-- sample's row while the table is locked: dashboards and other starting processes
+-- wait for it. A consumer of the old code still running then fails its next batch
+-- (no table to COPY into), committing nothing; restarted on this code (make up, or
+-- Airflow's retry of its task) it reads that batch again.
 UPDATE telemetry_samples AS s
 SET in_domain = coalesce(p.in_domain, true),
     predicted_lap = coalesce(p.lap_number, s.lap_number),
