@@ -164,10 +164,11 @@ def batch_features(
     lap_numbers = _numeric(frame, "lap_number")
     # A lap starts at the first sample past the highest lap seen; a straggler from
     # an earlier lap takes the current lap's features (it cannot go back).
+    histories = [_fresh_history(previous) for _, previous in cars]
     car_starts = []  # each car's lap starts, as positions in its `rows`
-    for rows, previous in cars:
+    for (rows, _), history in zip(cars, histories, strict=True):
         laps = lap_numbers[rows]
-        seen = np.fmax.accumulate(np.concatenate((_fresh_history(previous)["lap"], laps)))[:-1]
+        seen = np.fmax.accumulate(np.concatenate((history["lap"], laps)))[:-1]
         car_starts.append(np.flatnonzero((laps > seen) | (np.isnan(seen) & ~np.isnan(laps))))
     # The lap rows' fields only where laps start (a handful per batch): reading
     # the text fields takes Python per row, a tenth of composing a whole batch.
@@ -176,9 +177,7 @@ def batch_features(
     fields = row_fields(_rows_of(frame, at))
     matrix = iter(np.column_stack([fields[f] for f in ROW_FIELDS]).tolist() if len(at) else [])
     out = np.full((len(frame), len(FEATURES)), np.nan)
-    histories = []
-    for (rows, previous), starts in zip(cars, car_starts, strict=True):
-        history = _fresh_history(previous)
+    for (rows, _), history, starts in zip(cars, histories, car_starts, strict=True):
         laps = lap_numbers[rows]
         lap_rows = [history.get("current", [math.nan] * len(FEATURES))]
         for _ in starts:  # `matrix` holds them in this order
@@ -190,7 +189,6 @@ def batch_features(
         car_out[np.isnan(laps)] = np.nan
         out[rows] = car_out
         history["lap"] = [float(np.fmax.reduce(np.concatenate((history["lap"], laps))))]
-        histories.append(history)
     chosen = np.concatenate([rows for rows, _ in cars]) if cars else np.array([], dtype=int)
     features = pd.DataFrame(out[chosen], columns=list(FEATURES), index=chosen)
     return features, histories
