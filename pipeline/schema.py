@@ -129,8 +129,12 @@ def decode_many(raws: Sequence[bytes]) -> list[Message]:
     `decode` does, for the first message that fails, or HoldsNul when any may
     hold a NUL (then `decode` of each says which, if any, does)."""
     # One search of them all joined: only malformed messages could form a match
-    # across a boundary, and those fail `decode` of each anyway.
-    if b"\\u0000" in b"".join(raws):
+    # across a boundary, and those fail `decode` of each anyway. JSON writes NUL
+    # only as an escape: a batch without a backslash (most) needs only that one
+    # byte's search, which is 40 times faster than the six bytes' (a fifth of
+    # decoding a batch).
+    joined = b"".join(raws)
+    if b"\\" in joined and b"\\u0000" in joined:
         raise HoldsNul("a text holds a NUL character (\\u0000), which PostgreSQL cannot store")
     decode_value = _decoder.decode
     return [decode_value(raw) for raw in raws]

@@ -46,6 +46,15 @@ def test_a_nul_in_a_text_is_refused() -> None:
         schema.decode(_with(driver="V\x00R"))
 
 
+def test_a_batch_holding_a_nul_is_refused_whatever_else_it_escapes() -> None:
+    # decode_many looks for the escape only where a backslash is: other escapes
+    # decode, a NUL in any message refuses the batch (each is then read alone).
+    escaped = [_with(driver='V"R'), _with(driver="V\\R"), _with(driver="V\u00e9R")]
+    assert [sample.driver for sample in schema.decode_many(escaped)] == ['V"R', "V\\R", "VéR"]
+    with pytest.raises(schema.HoldsNul, match="NUL"):
+        schema.decode_many([*escaped, _with(driver="V\x00R")])
+
+
 @pytest.mark.parametrize(
     ("headers", "message"),
     [([("produced_at_us", b"soon")], "not a wall-clock time"),
