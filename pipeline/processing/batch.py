@@ -12,13 +12,20 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from pipeline.processing import anomaly
-from pipeline.processing.columns import Columns
-from pipeline.processing.windows import WindowPartial, partials, window_starts
+from pipeline.processing.columns import Columns, concat
+from pipeline.processing.windows import (
+    WindowPartial,
+    from_partials,
+    partial,
+    partials,
+    table_rows,
+    window_starts,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -95,7 +102,7 @@ class WindowConfig:
 class BatchResult:
     columns: Columns  # the batch without duplicates, with is_late and anomalies
     events: Columns  # one row per (sample, reason): the anomaly event log
-    windows: list[dict[str, Any]] = field(default_factory=list)
+    windows: Columns = field(default_factory=lambda: no_windows())  # closed: the table's rows
     duplicates: int = 0
     late: int = 0
     features: pd.DataFrame | None = None  # model features, row for row with `samples`
@@ -391,7 +398,7 @@ def close_idle(
     *,
     now_us: int,
     caught_up: set[int],
-) -> tuple[list[dict[str, Any]], set[int]]:
+) -> tuple[Columns, set[int]]:
     """Close the windows of cars silent for longer than `config.car_idle_s` and
     trim their state to what refuses resends (last seq and clock). Silent means:
     its run's event time moved on that far without it, or, on a partition the
@@ -399,7 +406,7 @@ def close_idle(
     run whose producer died sends nothing more). Idle cars beyond
     `idle_cars_kept` per partition are forgotten, oldest first. Returns the
     closed windows and the partitions whose state changed."""
-    closed: list[dict[str, Any]] = []
+    closed: list[tuple[CarState, WindowPartial]] = []
     changed: set[int] = set()
     idle_us = config.car_idle_s * 1e6
     lateness_us = round(config.allowed_lateness_s * 1e6)
@@ -413,7 +420,7 @@ def close_idle(
             silent_wall = p in caught_up and now_us - car.seen_wall_us > idle_us
             if not (silent_event or silent_wall):
                 continue
-            closed += [_window_row(car, w, config) for w in car.open_windows]
+            closed += [(car, w) for w in car.open_windows]
             if car.open_windows:  # a sample still to come for a closed window is late
                 last_end = max(w.start_us for w in car.open_windows) + config.window_us
                 car.max_date_us = max(car.max_date_us, last_end + lateness_us)
@@ -424,21 +431,21 @@ def close_idle(
         for _, key in idle[: max(0, len(idle) - config.idle_cars_kept)]:
             del state.cars[key]
             changed.add(p)
-    return closed, changed
+    return _closing(closed, config), changed
 
 
-def end_run(state: PartitionState, run_id: str, config: WindowConfig) -> list[dict[str, Any]]:
+def end_run(state: PartitionState, run_id: str, config: WindowConfig) -> Columns:
     """The run's end marker arrived on this partition: close its cars' windows."""
-    closed: list[dict[str, Any]] = []
+    closed: list[tuple[CarState, WindowPartial]] = []
     finished = {key: car for key, car in state.cars.items() if key.startswith(f"{run_id}:")}
     for key, car in finished.items():
-        closed += [_window_row(car, w, config) for w in car.open_windows]
+        closed += [(car, w) for w in car.open_windows]
         del state.cars[key]
     ended = state.ended.setdefault(run_id, {})  # a repeated end marker forgets nothing
     ended.update({key: car.last_seq for key, car in finished.items()})
     for old in list(state.ended)[:-ENDED_RUNS_KEPT]:
         del state.ended[old]
-    return closed
+    return _closing(closed, config)
 
 
 def _gaps_and_rates(
@@ -490,42 +497,78 @@ def _car_state(partition: PartitionState, key: str, frame: Columns, row: int) ->
 
 def _fold_windows(
     on_time: Columns, states: dict[int, PartitionState], config: WindowConfig
-) -> list[dict[str, Any]]:
+) -> Columns:
     """Merge the batch's partial windows into each car's open ones and close
-    every window its watermark has passed."""
+    every window its watermark has passed: the closed ones as the table's rows.
+    Per car, only the windows its state keeps open are objects (one or two);
+    the batch's windows that close at once stay columns."""
     import numpy as np
 
-    closed: list[dict[str, Any]] = []
+    new = partials(on_time, config.window_us)
+    starts, ends = new["start_us"], new["start_us"] + config.window_us
+    cars: list[CarState] = []
+    car_of = np.empty(len(new), dtype=np.int64)  # each window's car, in `cars`
+    closed_new = np.zeros(len(new), dtype=bool)
+    closed_open: list[tuple[CarState, WindowPartial]] = []  # windows a state held open
     groups = on_time["car_group"]  # ascending: the frame is grouped in code order
-    for group, new in partials(on_time, config.window_us).items():
-        row = int(np.searchsorted(groups, group))
+    edges = [*np.flatnonzero(np.diff(new["car_group"], prepend=-1)).tolist(), len(new)]
+    for lo, hi in itertools.pairwise(edges):
+        row = int(np.searchsorted(groups, new["car_group"][lo]))
         car = states[int(on_time["partition"][row])].cars[car_key(on_time, row)]
-        by_start = {w.start_us: w for w in car.open_windows}
-        for window in new:
-            if window.start_us in by_start:
-                by_start[window.start_us].merge(window)
-            else:
-                by_start[window.start_us] = window
+        car_of[lo:hi] = len(cars)
+        cars.append(car)
         assert car.max_date_us is not None
         watermark = car.max_date_us - config.allowed_lateness_s * 1e6
+        fresh = np.ones(hi - lo, dtype=bool)  # windows the car had none of open
         still_open = []
-        for start in sorted(by_start):
-            if start + config.window_us <= watermark:
-                closed.append(_window_row(car, by_start[start], config))
+        for window in car.open_windows:
+            same = np.flatnonzero(starts[lo:hi] == window.start_us)  # a car's starts are unique
+            if len(same):
+                window.merge(partial(new, lo + int(same[0])))
+                fresh[same[0]] = False
+            if window.start_us + config.window_us <= watermark:
+                closed_open.append((car, window))
             else:
-                still_open.append(by_start[start])
-        car.open_windows = still_open
-    return closed
+                still_open.append(window)
+        closing = fresh & (ends[lo:hi] <= watermark)
+        closed_new[lo:hi] = closing
+        still_open += [partial(new, lo + k) for k in np.flatnonzero(fresh & ~closing).tolist()]
+        car.open_windows = sorted(still_open, key=lambda window: window.start_us)
+    return concat(
+        [_closed(cars, new.take(closed_new), car_of[closed_new], config),
+         _closing(closed_open, config)]
+    )  # fmt: skip
 
 
-def _window_row(car: CarState, window: WindowPartial, config: WindowConfig) -> dict[str, Any]:
-    return {
-        "run_id": car.run_id,
-        "session_key": car.session_key,
-        "driver_number": car.driver_number,
-        "driver": car.driver,
-        **window.row(config.window_us),
+def _closing(closed: list[tuple[CarState, WindowPartial]], config: WindowConfig) -> Columns:
+    """Windows a state held open, closed: the table's rows."""
+    import numpy as np
+
+    cars = [car for car, _ in closed]
+    windows = from_partials([window for _, window in closed], np.zeros(len(closed)))
+    return _closed(cars, windows, np.arange(len(cars)), config)
+
+
+def _closed(
+    cars: list[CarState], windows: Columns, car_of: np.ndarray, config: WindowConfig
+) -> Columns:
+    """Closed windows (`partials` columns) as the table's rows: with each one's car
+    (`cars[car_of[row]]`) named."""
+    import numpy as np
+
+    columns = {
+        "run_id": np.array([car.run_id for car in cars], dtype=object)[car_of],
+        "session_key": np.array([car.session_key for car in cars], dtype=object)[car_of],
+        "driver_number": np.array([car.driver_number for car in cars], dtype=np.int64)[car_of],
+        "driver": np.array([car.driver for car in cars], dtype=object)[car_of],
+        **table_rows(windows, config.window_us),
     }
+    return Columns(columns, len(windows))
+
+
+def no_windows() -> Columns:
+    """No closed window, with the table's columns."""
+    return _closing([], WindowConfig())
 
 
 def _attach_anomalies(

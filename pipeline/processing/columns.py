@@ -14,7 +14,7 @@ them as integers (`pipeline.sinks.telemetry_db`). Times are datetime64 in UTC.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -99,3 +99,15 @@ class Columns(Mapping[str, "np.ndarray"]):
             if values.dtype.kind == "M":
                 frame[name] = frame[name].dt.tz_localize("UTC")
         return frame
+
+
+def concat(parts: Sequence[Columns]) -> Columns:
+    """Columns of the same names, one after the other (the first's names)."""
+    import numpy as np
+
+    first, *rest = parts
+    if not rest:
+        return first
+    data = {name: np.concatenate([part[name] for part in parts]) for name in first}
+    ints = frozenset().union(*(part.int_columns for part in parts))
+    return Columns(data, sum(len(part) for part in parts), ints)

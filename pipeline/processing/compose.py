@@ -26,7 +26,7 @@ import msgspec
 
 from pipeline import schema
 from pipeline.processing import batch as batch_logic
-from pipeline.processing.columns import Columns
+from pipeline.processing.columns import Columns, concat
 
 if TYPE_CHECKING:
     import numpy as np
@@ -320,8 +320,10 @@ def compose(
             (at[(p, offset)], batch_logic.OUT_OF_BOUNDS, reason)
             for p, offset, reason in result.rejected
         ]
-    for partition, end in decoded.ends:
-        result.windows += batch_logic.end_run(states[partition], end.run_id, window)
+    ended = [
+        batch_logic.end_run(states[partition], end.run_id, window)
+        for partition, end in decoded.ends
+    ]
     idle_windows, idled = batch_logic.close_idle(states, window, now_us=now_us, caught_up=caught_up)
-    result.windows += idle_windows
+    result.windows = concat([result.windows, *ended, idle_windows])
     return ComposedBatch(decoded=decoded, result=result, idled=idled)

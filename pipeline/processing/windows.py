@@ -12,6 +12,7 @@ state stored with the offsets), so a window spanning two batches is exact.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -21,11 +22,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from pipeline.processing.columns import Columns
-
-WINDOW_COLUMNS = (
-    "samples", "speed_min", "speed_avg", "speed_max", "rpm_min", "rpm_avg", "rpm_max",
-    "throttle_full_share", "brake_share", "gear_changes", "drs_open_share",
-)  # fmt: skip
 
 
 class WindowPartial(msgspec.Struct, array_like=True):
@@ -61,41 +57,28 @@ class WindowPartial(msgspec.Struct, array_like=True):
         self.drs_open += later.drs_open
         self.last_gear = later.last_gear
 
-    def row(self, window_us: int) -> dict[str, float | int]:
-        n = self.samples
-        return {
-            "window_start_us": self.start_us,
-            "window_end_us": self.start_us + window_us,
-            "samples": n,
-            "speed_min": self.speed_min,
-            "speed_avg": self.speed_sum / n,
-            "speed_max": self.speed_max,
-            "rpm_min": self.rpm_min,
-            "rpm_avg": self.rpm_sum / n,
-            "rpm_max": self.rpm_max,
-            "throttle_full_share": self.throttle_full / n,
-            "brake_share": self.brake_on / n,
-            "gear_changes": self.gear_changes,
-            "drs_open_share": self.drs_open / n,
-        }
-
 
 def window_starts(date_us: np.ndarray, window_us: int) -> np.ndarray:
     return (date_us // window_us) * window_us
 
 
-def partials(samples: pd.DataFrame | Columns, window_us: int) -> dict[int, list[WindowPartial]]:
-    """Aggregate on-time samples per car (its `car_group`) and window. `samples` is
-    grouped by partition and car (`car_group`, a number per group), each car's
-    rows in arrival order.
+def partials(samples: pd.DataFrame | Columns, window_us: int) -> Columns:
+    """Aggregate on-time samples per car (its `car_group`) and window: one row per
+    (car, window), its `car_group` and WindowPartial's fields, by car then start.
+    `samples` is grouped by partition and car (`car_group`, a number per group),
+    each car's rows in arrival order.
 
     Plain numpy over the batch (a sort, bincount and reduceat): pandas' groupby
     cost several milliseconds per batch whatever its size, most of a consumer's
-    work at 1x, where a batch is one burst of ~20 samples."""
+    work at 1x, where a batch is one burst of ~20 samples. Columns, not a
+    WindowPartial per window: a batch of 5,000 samples holds ~400 windows, and
+    objects for them were a quarter of the batch's processing."""
     import numpy as np
 
+    from pipeline.processing.columns import Columns
+
     if samples.empty:
-        return {}
+        return from_partials([], np.zeros(0, dtype=np.int64))
     start = window_starts(np.asarray(samples["date_us"]), window_us)
     group = np.asarray(samples["car_group"])
     new_car = np.ones(len(samples), dtype=bool)
@@ -111,33 +94,79 @@ def partials(samples: pd.DataFrame | Columns, window_us: int) -> dict[int, list[
     gear = np.asarray(samples["gear"])
     throttle = np.asarray(samples["throttle"])
     # A gear change counts between consecutive samples of the same car and window.
-    changed = np.zeros(len(samples), dtype=np.int64)
+    changed = np.zeros(len(samples), dtype=bool)
     changed[1:] = (gear[1:] != gear[:-1]) & (start[1:] == start[:-1]) & ~new_car[1:]
     speed = np.asarray(samples["speed"], dtype=float)
     rpm = np.asarray(samples["rpm"], dtype=float)
 
-    def total(values: np.ndarray) -> list[float]:
-        sums: list[float] = np.bincount(inverse, weights=values, minlength=len(groups)).tolist()
-        return sums
+    def total(values: np.ndarray) -> np.ndarray:
+        return np.bincount(inverse, weights=values, minlength=len(groups))
 
-    def reduced(ufunc: np.ufunc, values: np.ndarray) -> list[float]:
-        extremes: list[float] = ufunc.reduceat(values[order], bounds).tolist()
-        return extremes
+    def count(where: np.ndarray) -> np.ndarray:
+        return np.bincount(inverse[where], minlength=len(groups))
 
-    columns = [
-        np.bincount(inverse, minlength=len(groups)).tolist(),
-        total(speed), reduced(np.minimum, speed), reduced(np.maximum, speed),
-        total(rpm), reduced(np.minimum, rpm), reduced(np.maximum, rpm),
-        [round(x) for x in total(((throttle >= 99) & (throttle <= 100)).astype(float))],
-        [round(x) for x in total((np.asarray(samples["brake"]) >= 50).astype(float))],
-        [round(x) for x in total(np.asarray(samples["drs_open"]).astype(float))],
-        [round(x) for x in total(changed.astype(float))],
-        gear[order[bounds]].tolist(), gear[order[last]].tolist(),
-    ]  # fmt: skip
+    def reduced(ufunc: np.ufunc, values: np.ndarray) -> np.ndarray:
+        return ufunc.reduceat(values[order], bounds)
+
     first_row = order[bounds]
-    by_car: dict[int, list[WindowPartial]] = {}
-    for i, row in enumerate(first_row.tolist()):
-        by_car.setdefault(int(group[row]), []).append(
-            WindowPartial(int(start[row]), *(column[i] for column in columns))
-        )
-    return by_car
+    columns = {
+        "car_group": group[first_row],
+        "start_us": start[first_row],
+        "samples": np.bincount(inverse, minlength=len(groups)),
+        "speed_sum": total(speed), "speed_min": reduced(np.minimum, speed),
+        "speed_max": reduced(np.maximum, speed),
+        "rpm_sum": total(rpm), "rpm_min": reduced(np.minimum, rpm),
+        "rpm_max": reduced(np.maximum, rpm),
+        "throttle_full": count((throttle >= 99) & (throttle <= 100)),
+        "brake_on": count(np.asarray(samples["brake"]) >= 50),
+        "drs_open": count(np.asarray(samples["drs_open"], dtype=bool)),
+        "gear_changes": count(changed),
+        "first_gear": gear[first_row], "last_gear": gear[order[last]],
+    }  # fmt: skip
+    return Columns(columns, len(groups))
+
+
+def partial(windows: Columns, row: int) -> WindowPartial:
+    """One row of `partials` as the WindowPartial a car's state keeps open."""
+    return WindowPartial(*(windows[name][row].item() for name in PARTIAL_FIELDS))
+
+
+def from_partials(windows: Sequence[WindowPartial], car_group: np.ndarray) -> Columns:
+    """WindowPartials (a car's state's) as `partials` columns, with their `car_group`."""
+    import numpy as np
+
+    from pipeline.processing.columns import Columns
+
+    rows = [msgspec.structs.astuple(w) for w in windows]
+    columns = {"car_group": np.asarray(car_group, dtype=np.int64)}
+    for i, name in enumerate(PARTIAL_FIELDS):
+        columns[name] = np.array([row[i] for row in rows], dtype=PARTIAL_DTYPES[name])
+    return Columns(columns, len(windows))
+
+
+def table_rows(windows: Columns, window_us: int) -> dict[str, np.ndarray]:
+    """`partials` columns as the window table's aggregates (shares, averages)."""
+    n = windows["samples"]
+    start = windows["start_us"]
+    return {
+        "window_start_us": start,
+        "window_end_us": start + window_us,
+        "samples": n,
+        "speed_min": windows["speed_min"],
+        "speed_avg": windows["speed_sum"] / n,
+        "speed_max": windows["speed_max"],
+        "rpm_min": windows["rpm_min"],
+        "rpm_avg": windows["rpm_sum"] / n,
+        "rpm_max": windows["rpm_max"],
+        "throttle_full_share": windows["throttle_full"] / n,
+        "brake_share": windows["brake_on"] / n,
+        "gear_changes": windows["gear_changes"],
+        "drs_open_share": windows["drs_open"] / n,
+    }
+
+
+PARTIAL_FIELDS: tuple[str, ...] = WindowPartial.__struct_fields__
+PARTIAL_DTYPES = {
+    name: "float64" if name.endswith(("_sum", "_min", "_max")) else "int64"
+    for name in PARTIAL_FIELDS
+}

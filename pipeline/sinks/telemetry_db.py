@@ -405,7 +405,7 @@ def batch_rows(
     *,
     samples: pd.DataFrame | Columns | None = None,
     events: pd.DataFrame | Columns | None = None,
-    windows: Sequence[dict[str, Any]] = (),
+    windows: Columns | None = None,
     dead_letters: list[tuple[Any, ...]] | None = None,
     predictions: pd.DataFrame | Columns | None = None,
 ) -> BatchRows:
@@ -418,7 +418,7 @@ def batch_rows(
         tables.append(("telemetry_samples", rows.columns, rows))
     if events is not None and len(events):
         tables.append(("anomaly_events", EVENT_COLUMNS, _with_event_time(events)))
-    if windows:
+    if windows is not None and len(windows):
         tables.append(("telemetry_windows", WINDOW_COLUMNS, _window_columns(windows)))
     if dead_letters:
         tables.append(("dead_letters", DEAD_LETTER_COLUMNS, dead_letters))
@@ -552,20 +552,14 @@ def _roll_back(conn: psycopg.Connection) -> None:
         log.warning("the connection was lost while rolling a batch back", exc_info=True)
 
 
-def _window_columns(windows: Sequence[dict[str, Any]]) -> Columns:
-    """Closed windows (dicts, a few per car and batch) as columns, for binary COPY."""
-    import numpy as np
-
+def _window_columns(windows: Columns) -> Columns:
+    """Closed windows (`pipeline.processing.batch`'s rows) as the table's columns."""
     from pipeline.processing.columns import Columns
 
-    rows = {
-        name: np.array([w[name] for w in windows])
-        for name in WINDOW_COLUMNS
-        if name not in ("window_start", "window_end")
-    }
+    rows = {name: windows[name] for name in WINDOW_COLUMNS if name in windows}
     for edge in ("window_start", "window_end"):
-        rows[edge] = np.array([w[f"{edge}_us"] for w in windows], dtype="datetime64[us]")
-    return Columns(rows, len(windows))
+        rows[edge] = windows[f"{edge}_us"].astype("datetime64[us]")
+    return Columns({name: rows[name] for name in WINDOW_COLUMNS}, len(windows))
 
 
 def record_metrics(

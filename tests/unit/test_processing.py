@@ -22,6 +22,7 @@ import pytest
 from pipeline.kafka.producer import message_columns
 from pipeline.processing import anomaly, batch, compose
 from pipeline.processing.batch import BatchResult, PartitionState, WindowConfig
+from pipeline.processing.columns import Columns, concat
 from pipeline.schema import SAMPLE_FIELDS, SCHEMA_VERSION, TelemetrySample
 from pipeline.sources.replay import load_samples
 
@@ -138,18 +139,14 @@ def run_batches(
     return [batch.process(b, states, config or WindowConfig()) for b in batches]
 
 
-def end_run(states: dict[int, PartitionState], run_id: str) -> list[dict[str, Any]]:
+def end_run(states: dict[int, PartitionState], run_id: str) -> Columns:
     """What the end markers of `run_id`, one per partition, close."""
-    return [row for s in states.values() for row in batch.end_run(s, run_id, WindowConfig())]
+    return concat([batch.end_run(s, run_id, WindowConfig()) for s in states.values()])
 
 
-def all_windows(
-    results: Sequence[BatchResult], closed_at_end: list[dict[str, Any]]
-) -> pd.DataFrame:
-    rows = [row for r in results for row in r.windows] + closed_at_end
-    return (
-        pd.DataFrame(rows).sort_values(["driver_number", "window_start_us"]).reset_index(drop=True)
-    )
+def all_windows(results: Sequence[BatchResult], closed_at_end: Columns) -> pd.DataFrame:
+    rows = concat([*(r.windows for r in results), closed_at_end]).to_pandas()
+    return rows.sort_values(["driver_number", "window_start_us"]).reset_index(drop=True)
 
 
 def kept_samples(results: Sequence[BatchResult]) -> pd.DataFrame:
@@ -326,7 +323,7 @@ def test_late_sample_is_flagged_and_not_folded_into_a_window() -> None:
     on_time = synthetic_car(np.arange(41) * 0.25, speed=250.0)  # 0 s .. 10 s
     [first] = run_batches([on_time], states, config)
     # Watermark 10 - 2 = 8 s: windows [0, 3) and [3, 6) are closed and written.
-    assert [w["window_start_us"] - EPOCH_US for w in first.windows] == [0, 3_000_000]
+    assert (first.windows["window_start_us"] - EPOCH_US).tolist() == [0, 3_000_000]
 
     late = synthetic_car([1.0], first_seq=41, speed=100.0)  # its window [0, 3) is closed
     [second] = run_batches([late], states, config)
@@ -487,8 +484,8 @@ def test_a_silent_car_has_its_windows_closed_and_its_state_trimmed() -> None:
     assert car.open_windows  # [6, 9) and [9, 12) wait for a watermark that never comes
     windows, changed = batch.close_idle(states, config, now_us=0, caught_up=set())
     assert changed == {1} and car.idle
-    assert {w["driver_number"] for w in windows} == {5}
-    assert [w["window_start_us"] - EPOCH_US for w in windows] == [6_000_000, 9_000_000]
+    assert set(windows["driver_number"].tolist()) == {5}
+    assert (windows["window_start_us"] - EPOCH_US).tolist() == [6_000_000, 9_000_000]
     assert not car.open_windows and not car.rates and car.last_seq == 40
     # A sample of a window closed meanwhile is late, not a second copy of the window.
     [back] = run_batches([synthetic_car([11.0], first_seq=41, driver_number=5)], states, config)
@@ -501,7 +498,8 @@ def test_a_car_silent_on_the_wall_clock_closes_only_once_caught_up() -> None:
     run_batches([synthetic_car(np.arange(41) * 0.25)], states, config)
     seen = states[1].cars[f"{SYNTHETIC_RUN}:1"].seen_wall_us
     later = seen + 61 * 10**6
-    assert batch.close_idle(states, config, now_us=later, caught_up=set()) == ([], set())
+    windows, changed = batch.close_idle(states, config, now_us=later, caught_up=set())
+    assert not windows and not changed
     windows, changed = batch.close_idle(states, config, now_us=later, caught_up={1})
     assert changed == {1} and len(windows) == 2
 
