@@ -55,6 +55,10 @@ BASELINE_SAMPLES = 40
 OUTLIER_Z = 8.0
 RATE_FLOOR = {"speed": 20.0, "rpm": 1_000.0}  # smallest MAD-based scale, per second
 OUTLIER_REASON = {"speed": SPEED_OUTLIER, "rpm": RPM_OUTLIER}
+# Rates from which the baselines' bounds come from running filters, each value
+# read a few times; below, from gathering each baseline (scipy's calls cost more
+# than a few baselines, and at 1x a batch holds one rate per car).
+RUNNING_FILTERS_FROM = 512
 
 
 def rule_flags(frame: pd.DataFrame | Columns) -> dict[str, np.ndarray]:
@@ -141,11 +145,15 @@ def _beyond_robust_scale(
 
     margin = OUTLIER_Z * floor
     outlier = np.zeros(len(rates), dtype=bool)
-    # A filter of even width W centred on position c covers c - W/2 .. c + W/2 - 1:
-    # the baseline starting at s is the window centred on s + W/2.
-    centres = starts + BASELINE_SAMPLES // 2
-    least = minimum_filter1d(flat, BASELINE_SAMPLES)[centres]
-    greatest = maximum_filter1d(flat, BASELINE_SAMPLES)[centres]
+    if len(rates) < RUNNING_FILTERS_FROM:  # e.g. at 1x, one rate per car: each baseline once
+        gathered = flat[starts[:, None] + np.arange(BASELINE_SAMPLES)]
+        least, greatest = gathered.min(axis=1), gathered.max(axis=1)
+    else:
+        # A filter of even width W centred on position c covers c - W/2 .. c + W/2 - 1:
+        # the baseline starting at s is the window centred on s + W/2.
+        centres = starts + BASELINE_SAMPLES // 2
+        least = minimum_filter1d(flat, BASELINE_SAMPLES)[centres]
+        greatest = maximum_filter1d(flat, BASELINE_SAMPLES)[centres]
     unsure = np.flatnonzero((rates - least > margin) | (greatest - rates > margin))
     if not len(unsure):
         return outlier

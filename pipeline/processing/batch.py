@@ -22,6 +22,7 @@ from pipeline.processing.windows import (
     WindowPartial,
     from_partials,
     partial,
+    partial_fields,
     partials,
     table_rows,
     window_starts,
@@ -501,49 +502,60 @@ def _fold_windows(
     """Merge the batch's partial windows into each car's open ones and close
     every window its watermark has passed: the closed ones as the table's rows.
     Per car, only the windows its state keeps open are objects (one or two);
-    the batch's windows that close at once stay columns."""
+    the batch's windows that close at once stay columns. The loop over a car's
+    windows is plain Python on their starts: a handful per car, where a numpy
+    call each cost more at 1x (one window per car and batch) than the objects."""
     import numpy as np
 
     new = partials(on_time, config.window_us)
-    starts, ends = new["start_us"], new["start_us"] + config.window_us
-    cars: list[CarState] = []
-    car_of = np.empty(len(new), dtype=np.int64)  # each window's car, in `cars`
-    closed_new = np.zeros(len(new), dtype=bool)
-    closed_open: list[tuple[CarState, WindowPartial]] = []  # windows a state held open
-    groups = on_time["car_group"]  # ascending: the frame is grouped in code order
+    if new.empty:
+        return no_windows()
+    window_us, lateness_us = config.window_us, config.allowed_lateness_s * 1e6
+    starts = new["start_us"].tolist()
+    fields = partial_fields(new)
     edges = [*np.flatnonzero(np.diff(new["car_group"], prepend=-1)).tolist(), len(new)]
-    for lo, hi in itertools.pairwise(edges):
-        row = int(np.searchsorted(groups, new["car_group"][lo]))
-        car = states[int(on_time["partition"][row])].cars[car_key(on_time, row)]
-        car_of[lo:hi] = len(cars)
-        cars.append(car)
+    # Each car's first row in the batch (the frame is grouped in car_group order).
+    rows = np.searchsorted(on_time["car_group"], new["car_group"][edges[:-1]]).tolist()
+    partitions = on_time["partition"][rows].tolist()
+    cars: list[CarState] = []
+    closed_new: list[int] = []  # rows of `new` that close as they are
+    car_of: list[int] = []  # their car, in `cars`
+    closed_open: list[tuple[CarState, WindowPartial]] = []  # windows a state held open
+    for (lo, hi), row, partition in zip(itertools.pairwise(edges), rows, partitions, strict=True):
+        car = states[partition].cars[car_key(on_time, row)]
         assert car.max_date_us is not None
-        watermark = car.max_date_us - config.allowed_lateness_s * 1e6
-        fresh = np.ones(hi - lo, dtype=bool)  # windows the car had none of open
+        watermark = car.max_date_us - lateness_us
+        fresh = {starts[i]: i for i in range(lo, hi)}  # a car's starts are unique
         still_open = []
         for window in car.open_windows:
-            same = np.flatnonzero(starts[lo:hi] == window.start_us)  # a car's starts are unique
-            if len(same):
-                window.merge(partial(new, lo + int(same[0])))
-                fresh[same[0]] = False
-            if window.start_us + config.window_us <= watermark:
+            more = fresh.pop(window.start_us, None)
+            if more is not None:  # the batch has more of a window left open
+                window.merge(partial(fields, more))
+            if window.start_us + window_us <= watermark:
                 closed_open.append((car, window))
             else:
                 still_open.append(window)
-        closing = fresh & (ends[lo:hi] <= watermark)
-        closed_new[lo:hi] = closing
-        still_open += [partial(new, lo + k) for k in np.flatnonzero(fresh & ~closing).tolist()]
+        for start, i in fresh.items():
+            if start + window_us <= watermark:
+                closed_new.append(i)
+                car_of.append(len(cars))
+            else:
+                still_open.append(partial(fields, i))
+        cars.append(car)
         car.open_windows = sorted(still_open, key=lambda window: window.start_us)
-    return concat(
-        [_closed(cars, new.take(closed_new), car_of[closed_new], config),
-         _closing(closed_open, config)]
-    )  # fmt: skip
+    closing = _closing(closed_open, config)
+    if not closed_new:
+        return closing
+    closed = _closed(cars, new.take(np.array(closed_new)), np.array(car_of), config)
+    return concat([closed, closing])
 
 
 def _closing(closed: list[tuple[CarState, WindowPartial]], config: WindowConfig) -> Columns:
     """Windows a state held open, closed: the table's rows."""
     import numpy as np
 
+    if not closed:
+        return no_windows()
     cars = [car for car, _ in closed]
     windows = from_partials([window for _, window in closed], np.zeros(len(closed)))
     return _closed(cars, windows, np.arange(len(cars)), config)
@@ -567,8 +579,18 @@ def _closed(
 
 
 def no_windows() -> Columns:
-    """No closed window, with the table's columns."""
-    return _closing([], WindowConfig())
+    """No closed window, with the table's columns (made once: most batches at 1x
+    close none)."""
+    global _NO_WINDOWS
+    if _NO_WINDOWS is None:
+        import numpy as np
+
+        empty = from_partials([], np.zeros(0))
+        _NO_WINDOWS = _closed([], empty, np.zeros(0, dtype=np.int64), WindowConfig())
+    return _NO_WINDOWS.copy()  # a new mapping of the same (empty) arrays
+
+
+_NO_WINDOWS: Columns | None = None
 
 
 def _attach_anomalies(

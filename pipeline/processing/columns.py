@@ -106,8 +106,12 @@ def concat(parts: Sequence[Columns]) -> Columns:
     import numpy as np
 
     first, *rest = parts
+    rest = [part for part in rest if len(part)]
     if not rest:
         return first
+    if not len(first) and len(rest) == 1:
+        return rest[0]
+    parts = [first, *rest]
     data = {name: np.concatenate([part[name] for part in parts]) for name in first}
     ints = frozenset().union(*(part.int_columns for part in parts))
     return Columns(data, sum(len(part) for part in parts), ints)

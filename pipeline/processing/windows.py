@@ -13,7 +13,7 @@ state stored with the offsets), so a window spanning two batches is exact.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -126,9 +126,16 @@ def partials(samples: pd.DataFrame | Columns, window_us: int) -> Columns:
     return Columns(columns, len(groups))
 
 
-def partial(windows: Columns, row: int) -> WindowPartial:
-    """One row of `partials` as the WindowPartial a car's state keeps open."""
-    return WindowPartial(*(windows[name][row].item() for name in PARTIAL_FIELDS))
+def partial_fields(windows: Columns) -> list[list[Any]]:
+    """`partials`' WindowPartial fields as lists, for `partial`: made once per
+    batch, as reading numpy scalars one by one cost more than the list of all."""
+    return [windows[name].tolist() for name in PARTIAL_FIELDS]
+
+
+def partial(fields: list[list[Any]], row: int) -> WindowPartial:
+    """One row of `partials` (its `partial_fields`) as the WindowPartial a car's
+    state keeps open."""
+    return WindowPartial(*(column[row] for column in fields))
 
 
 def from_partials(windows: Sequence[WindowPartial], car_group: np.ndarray) -> Columns:

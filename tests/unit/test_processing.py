@@ -610,9 +610,16 @@ def test_a_whole_run_resuming_later_is_taken_as_it_is() -> None:
     assert not result.rejected and len(result.samples) == 12 and result.late == 0
 
 
-def test_rate_outliers_match_a_recomputation_rate_by_rate() -> None:
-    # robust_outliers_many gathers every car's baselines at once; each rate is
-    # judged against the BASELINE_SAMPLES rates before it, history first.
+@pytest.mark.parametrize("bounds", ["running filters", "gathered"])
+def test_rate_outliers_match_a_recomputation_rate_by_rate(
+    bounds: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # robust_outliers_many judges every car's rates at once (the baselines' bounds
+    # by running filters over many rates, gathered over few: both here); each
+    # rate is judged against the BASELINE_SAMPLES rates before it, history first.
+    monkeypatch.setattr(
+        anomaly, "RUNNING_FILTERS_FROM", 0 if bounds == "running filters" else 10**9
+    )
     rng = np.random.default_rng(3)
     size = anomaly.BASELINE_SAMPLES
     shapes = [(0, 5), (10, 3), (size - 1, 4), (size, 1), (size, 30), (0, size + 10), (3, 0)]
