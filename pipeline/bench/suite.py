@@ -86,7 +86,7 @@ class Loads:
     # within a second, before the once-a-second RSS watch sees a first batch.
     memory_speed: float | None
     # ConsumerPerformance runs per reference figure (their median): one run reads
-    # the whole race in about a second, and its figure moved 0.62-0.89 M msg/s
+    # the whole race in about a second, and its figure moved 0.46-0.88 M msg/s
     # between runs within one hour (2026-12-06), more than the changes of ours it
     # was there to judge.
     reference_runs: int

@@ -9,6 +9,7 @@ offset, so a restart resumes exactly where the last commit left off.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -579,18 +580,17 @@ def _closed(
 
 
 def no_windows() -> Columns:
-    """No closed window, with the table's columns (made once: most batches at 1x
-    close none)."""
-    global _NO_WINDOWS
-    if _NO_WINDOWS is None:
-        import numpy as np
-
-        empty = from_partials([], np.zeros(0))
-        _NO_WINDOWS = _closed([], empty, np.zeros(0, dtype=np.int64), WindowConfig())
-    return _NO_WINDOWS.copy()  # a new mapping of the same (empty) arrays
+    """No closed window, with the table's columns (a new mapping of arrays made
+    once: most batches at 1x close none)."""
+    return _no_windows().copy()
 
 
-_NO_WINDOWS: Columns | None = None
+@functools.cache
+def _no_windows() -> Columns:
+    import numpy as np
+
+    empty = from_partials([], np.zeros(0))
+    return _closed([], empty, np.zeros(0, dtype=np.int64), WindowConfig())
 
 
 def _attach_anomalies(

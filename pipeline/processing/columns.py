@@ -105,13 +105,9 @@ def concat(parts: Sequence[Columns]) -> Columns:
     """Columns of the same names, one after the other (the first's names)."""
     import numpy as np
 
-    first, *rest = parts
-    rest = [part for part in rest if len(part)]
-    if not rest:
-        return first
-    if not len(first) and len(rest) == 1:
-        return rest[0]
-    parts = [first, *rest]
-    data = {name: np.concatenate([part[name] for part in parts]) for name in first}
-    ints = frozenset().union(*(part.int_columns for part in parts))
-    return Columns(data, sum(len(part) for part in parts), ints)
+    kept = [part for part in parts if len(part)]
+    if len(kept) <= 1:  # nothing to join (most batches): no copy
+        return kept[0] if kept else parts[0]
+    data = {name: np.concatenate([part[name] for part in kept]) for name in parts[0]}
+    ints = frozenset().union(*(part.int_columns for part in kept))
+    return Columns(data, sum(len(part) for part in kept), ints)

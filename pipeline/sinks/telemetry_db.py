@@ -288,15 +288,17 @@ def _arrow(values: Any, name: str, int_columns: frozenset[str], target: Any) -> 
     import pyarrow as pa
 
     if not isinstance(values, np.ndarray):  # a pandas Series: Arrow knows its dtypes
-        return _cast(pa.array(values, from_pandas=True), target)
-    if name in int_columns:
+        array = pa.array(values, from_pandas=True)
+    elif name in int_columns:
         missing = np.isnan(values)
-        return _cast(pa.array(np.where(missing, 0, values).astype(np.int64), mask=missing), target)
-    if values.dtype.kind == "M":
-        return _cast(pa.array(values, type=pa.timestamp("us", tz="UTC"), from_pandas=True), target)
-    if values.dtype == object:  # text, or values with None: typed as read, not guessed first
-        return pa.array(values, type=target, from_pandas=True)  # (a third less CPU)
-    return _cast(pa.array(values, from_pandas=True), target)
+        array = pa.array(np.where(missing, 0, values).astype(np.int64), mask=missing)
+    elif values.dtype.kind == "M":
+        array = pa.array(values, type=pa.timestamp("us", tz="UTC"), from_pandas=True)
+    elif values.dtype == object:  # text, or values with None: read as the target type
+        return pa.array(values, type=target, from_pandas=True)  # (no guess first: -1/3 CPU)
+    else:
+        array = pa.array(values, from_pandas=True)
+    return _cast(array, target)
 
 
 def _copy_tables(
