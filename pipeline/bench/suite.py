@@ -338,7 +338,8 @@ def decode(ctx: _Context) -> Section:
             f"the {loaded.on_topic:,} messages of {_race_text(ctx)} in batches of "
             f"{ctx.settings.stream_batch_size:,} (`consume(n, timeout)`), and runs the "
             "consumer's own decode path on each batch: `compose.decode` (type-check every "
-            "message, its headers, dead-letter classes) and `compose.columns` (the columns). "
+            "message, its headers, dead-letter classes) and `compose.columns` (the columns), "
+            "as `compose.decode_columns` runs them. "
             "No processing, no database. Timed from the first batch received to the last "
             f"decoded; ConsumerPerformance ran on the same topic just before, {_runs(ctx)} "
             "(its `fetch.nMsg.sec`: the group join left out, as ours leaves out the start)."
@@ -950,13 +951,13 @@ def _decode_loop(loaded: _Loaded) -> dict[str, float]:
             last_message = time.monotonic()
             if not batches:
                 first, first_cpu = time.perf_counter(), time.process_time()
-            decoded = compose.decode(
+            decoded, _ = compose.decode_columns(
                 messages, assigned=assigned, runs_seen=runs_seen,
                 max_message_bytes=settings.max_message_bytes,
             )  # fmt: skip
-            compose.columns(decoded)
             runs_seen.update(decoded.new_runs)
             read += len(messages)
+            messages.clear()  # freed once decoded, as the consumer does (`_handle`)
             batches += 1
         elapsed = time.perf_counter() - first
         cpu_s = time.process_time() - first_cpu

@@ -385,6 +385,8 @@ class StreamConsumer:
         self._subscribe()
 
     def _handle(self, messages: list[Message]) -> None:
+        """Compose a polled batch and queue its commit; `messages` is emptied once
+        decoded (those left dead are kept in the batch)."""
         import numpy as np
 
         assert self._consumer is not None
@@ -400,6 +402,11 @@ class StreamConsumer:
             now_us=time.time_ns() // 1000,
         )  # fmt: skip
         decoded, result = batch.decoded, batch.result
+        # Decoded: the messages are freed now, while the cache still holds them,
+        # not as their batch commits two batches later (`compose.decode_columns`).
+        # The dead keep theirs, in `decoded.dead`.
+        message_count = len(messages)
+        messages.clear()
         next_offsets = decoded.next_offsets
         # Partitions that closed idle cars but had no message: their state (and
         # epoch check) goes in the same commit, at their stored offsets.
@@ -449,7 +456,7 @@ class StreamConsumer:
                 # The batch's main session, so dashboards can filter health by session.
                 "session_key": _main_session(result.columns["session_key"]),
                 "partitions": owned,
-                "messages": len(messages),
+                "messages": message_count,
                 "samples": len(result.columns) - clashed,
                 "duplicates": result.duplicates + clashed,
                 "late": result.late,
@@ -461,7 +468,7 @@ class StreamConsumer:
                 "latency_p95_ms": p95,
                 "latency_p99_ms": p99,
                 "batch_seconds": elapsed,
-                "messages_per_s": len(messages) / elapsed if elapsed else 0.0,
+                "messages_per_s": message_count / elapsed if elapsed else 0.0,
                 "broker_errors": broker_errors,
                 "clashes": sum(skipped.values()),
                 "state_resets": state_resets,
@@ -509,7 +516,7 @@ class StreamConsumer:
             committed_us = time.time_ns() // 1000
             faults.point(self.settings, faults.AFTER_COMMIT)
             return lambda: self._account(
-                batch, len(messages), skipped, produced, committed_us, broker_errors, stages
+                batch, message_count, skipped, produced, committed_us, broker_errors, stages
             )
 
         # The next batch is composed on what this one leaves (its offsets, its
