@@ -384,6 +384,9 @@ def consumer(ctx: _Context) -> Section:
         figures[f"kafka-consumer-perf-test before the pass {name}: msg/s"] = theirs
         figures |= {f"{run} (before the pass {name})": rate for run, rate in their_runs.items()}
         figures[f"samples stored {name}"] = report.samples
+    group_row, group_figures = _group_pass(ctx, loaded)
+    rows.append(group_row)
+    figures |= group_figures
     champions = served.get("champions", {})
     if champions:
         notes.append(
@@ -417,10 +420,72 @@ def consumer(ctx: _Context) -> Section:
             "champions served (decode -> anomalies -> features -> three models -> windows "
             "-> COPY -> committed with the offsets). The stored rows are removed between "
             "the passes, so both write every row. Its rate is over its busy span (first "
-            "batch to last commit); ConsumerPerformance ran on the same topic just before "
-            f"each pass, {_runs(ctx)}."
+            "batch to last commit). Then the consumer group as the demo runs it: "
+            f"{loaded.settings.demo_consumers} `f1 consume` processes (models served) "
+            "started together in one group; the first to join reads every partition until "
+            "the next joins (its start-up), so their rate is over the time all of them were "
+            "committing, as the one consumer's leaves its start out (the whole span's is "
+            "beside it). A process has its own interpreter lock: one consumer is bound by "
+            "its own, not by the cores. The issue's target is on the one consumer. "
+            "ConsumerPerformance ran on the same topic just before each pass, "
+            f"{_runs(ctx)}."
         ),
     )
+
+
+def _group_pass(ctx: _Context, loaded: _Loaded) -> tuple[Row, dict[str, float]]:
+    """The race read by the demo's consumer group (`demo_consumers` processes of
+    `f1 consume`, models served), and its rows removed after."""
+    theirs, their_runs = _consumer_perf(ctx, loaded)
+    count = loaded.settings.demo_consumers
+    until = ("--until-run", loaded.run_id)
+    processes = [
+        stream_bench.ConsumerProcess(
+            loaded.settings, f"bench-group-{i}", *until, claim=False, report=True
+        )
+        for i in range(count)
+    ]
+    try:
+        with contextlib.ExitStack() as running:
+            for process in processes:  # started together, none waiting for the others
+                running.enter_context(process)
+            for process in processes:
+                process.wait(GROUP_LIMIT_S)
+            reports = [process.report() for process in processes]
+    finally:
+        _forget_rows(loaded.settings)
+    messages = sum(r["messages"] for r in reports)
+    busy = [r for r in reports if r["messages"]]  # one may have found nothing left to read
+    span = max(r["busy_until"] for r in busy) - min(r["busy_from"] for r in busy)
+    # The first process to join takes every partition until the next one joins, a
+    # second or so later (its start-up): the rate is over the time all were at work,
+    # as the one consumer's leaves out its start (over the whole span if they never
+    # were: a short race read by the first before the next joined).
+    together = _all_at_work(reports)
+    what = f"consumer group of {count} processes (as the demo runs it), with the models"
+    rate = together[0] / together[1] if together else messages / span
+    row = Row(
+        f"Consumer, whole path, {what} (to committed rows)",
+        rate,
+        "msg/s",
+        theirs,
+        "kafka-consumer-perf-test",
+    )
+    figures = {
+        f"ours, {what}: msg/s over the group's span (first message to last commit)": (
+            messages / span
+        ),
+        f"ours, {what}: seconds (the group's span)": span,
+        f"ours, {what}: CPU per message (µs, all processes)": (
+            1e6 * sum(r["cpu_seconds"] for r in reports) / messages
+        ),
+        f"ours, {what}: messages": messages,
+        f"kafka-consumer-perf-test before the pass {what}: msg/s": theirs,
+    }
+    if together:
+        figures[f"ours, {what}: msg/s while all were at work"] = rate
+        figures[f"ours, {what}: seconds all were at work"] = together[1]
+    return row, figures | {f"{run} (before the group pass)": r for run, r in their_runs.items()}
 
 
 # --- 4. CPU at 1x -----------------------------------------------------------------------
@@ -864,6 +929,23 @@ TITLES = {
 
 
 # --- helpers ----------------------------------------------------------------------------
+def _all_at_work(reports: list[dict[str, Any]]) -> tuple[int, float] | None:
+    """Messages committed, and seconds, from the last process to commit its first
+    batch to the first to commit its last (None: they never all worked at once)."""
+    commits = [r["commits"] for r in reports]
+    if not all(commits):
+        return None
+    start = max(batches[0][0] for batches in commits)
+    end = min(batches[-1][0] for batches in commits)
+    if end <= start:
+        return None
+    messages = sum(n for batches in commits for at, n in batches if start < at <= end)
+    return messages, (end - start) / 1e6
+
+
+GROUP_LIMIT_S = 600.0  # the group's processes start, read the race and stop
+
+
 def _real_partitions(settings: Settings) -> int:
     from confluent_kafka import KafkaException
 

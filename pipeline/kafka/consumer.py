@@ -77,11 +77,17 @@ class ConsumeReport:
     dead_letter_reasons: Counter[str] = field(default_factory=Counter)
     busy_seconds: float = 0.0  # from the first message received to the last commit
     cpu_seconds: float = 0.0  # this process's CPU over the same span (start-up left out)
+    # The same span on the wall clock (epoch seconds): a group's over its processes.
+    busy_from: float = 0.0
+    busy_until: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)  # kept when asked (benchmarks)
     # Where a sample's produce-to-commit goes, kept with the latencies: per message,
     # produce to poll; per batch, composing it, waiting for the commit thread (the
     # batch before still committing), and its transaction.
     stages_ms: dict[str, list[float]] = field(default_factory=dict)
+    # Per batch, kept with the latencies: when it committed (wall clock, µs) and
+    # its messages; a group's rate while all its processes are at work comes from it.
+    commits: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def messages_per_s(self) -> float:
@@ -394,6 +400,7 @@ class StreamConsumer:
         polled_us = time.time_ns() // 1000
         if self._first_message is None:
             self._first_message, self._first_cpu = started, time.process_time()
+            self.report.busy_from = time.time()
         lags = self._lags()
         batch = compose.compose(
             messages, self.states, self.window, with_features=bool(self.scorers),
@@ -609,10 +616,12 @@ class StreamConsumer:
         r = self.report
         assert self._first_message is not None
         r.busy_seconds = time.perf_counter() - self._first_message
+        r.busy_until = time.time()
         r.cpu_seconds = time.process_time() - self._first_cpu
         if self.keep_latencies:  # the benchmarks' figure: produce to the COMMIT's return
             r.latencies_ms += ((committed_us - produced) / 1000.0).tolist()
             stages.record(r.stages_ms, produced, committed_us)
+            r.commits.append((committed_us, messages))
         r.batches += 1
         r.messages += messages
         r.samples += len(result.columns) - clashed_samples
