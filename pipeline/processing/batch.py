@@ -182,7 +182,7 @@ def process(
     rate_jobs: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
         c: [] for c in anomaly.RATE_FLOOR
     }  # channel -> (rows, history, rates) of each car, judged together below
-    feature_cars: list[tuple[np.ndarray, CarState]] = []
+    cars: list[CarState] = []  # each car with new samples, in row order
     for lo, hi in itertools.pairwise(edges):
         key = car_key(frame, lo)
         state = _car_state(states[int(partition[lo])], key, frame, lo)
@@ -191,23 +191,31 @@ def process(
             state.idle = False
         fresh = _fresh(seq[lo:hi], state)
         keep[lo:hi] = fresh
-        rows = np.flatnonzero(fresh) + lo
-        if not len(rows):
-            continue
-        if with_features:
-            feature_cars.append((rows, state))
+        if fresh.any():
+            cars.append(state)
+    # The new samples of every car at once, each car's rows together, in arrival order.
+    rows = np.flatnonzero(keep)
+    starts = np.flatnonzero(np.diff(frame["car_group"][rows], prepend=-1))
+    feature_cars = list(zip(np.split(rows, starts[1:]), cars, strict=True)) if cars else []
+    if cars:
         # Late: the sample's window closed before it arrived. Late samples are
         # stored and counted, but take no part in gaps, rates or windows.
         times = date_us[rows]
-        base = state.max_date_us if state.max_date_us is not None else times[0]
-        seen_max = np.maximum.accumulate(np.concatenate(([base], times)))
-        watermark_before = seen_max[:-1] - config.allowed_lateness_s * 1e6
-        is_late = window_starts(times, config.window_us) + config.window_us <= watermark_before
+        is_late = _late(times, starts, cars, config)
         late[rows] = is_late
-        state.max_date_us = int(seen_max[-1])
-        rows, times = rows[~is_late], times[~is_late]
-        if len(rows):
-            _gaps_and_rates(channels, rows, times, state, config, gap, gap_s, rate_jobs)
+        on_time = ~is_late
+        if on_time.any():
+            counts = np.add.reduceat(on_time, starts).tolist()
+            on_time_rows = rows[on_time]
+            _gaps_and_rates(
+                channels,
+                on_time_rows,
+                times[on_time],
+                np.flatnonzero(np.diff(frame["car_group"][on_time_rows], prepend=-1)),
+                [car for car, n in zip(cars, counts, strict=True) if n],
+                config,
+                (gap, gap_s, rate_jobs),
+            )
     for channel, jobs in rate_jobs.items():
         judged = anomaly.robust_outliers_many(
             [(history, rates) for _, history, rates in jobs], anomaly.RATE_FLOOR[channel]
@@ -348,6 +356,7 @@ def _out_of_bounds(
     reasons: dict[int, str] = {}
     clocks = {p: _run_clocks(states[p]) for p in {int(x) for x in np.unique(partition)}}
     in_batch: dict[tuple[int, str], tuple[float | None, float | None]] = {}
+    cars: list[tuple[int, int, str, float | None, int]] = []  # lo, hi, key, ref, seq_ref
     for lo, hi in itertools.pairwise(_car_edges(frame)):
         p, run_id = int(partition[lo]), str(run[lo])
         key = car_key(frame, lo)
@@ -365,21 +374,34 @@ def _out_of_bounds(
         ref: float | None = max(known) if known else None
         if batch_date is not None and (ref is None or batch_date > ref + ahead_us):
             ref = batch_date
+        seq_ref = car.last_seq if car is not None and car.last_seq >= 0 else run_seq
+        if seq_ref < 0 and batch_seq is not None:
+            seq_ref = int(batch_seq)
+        cars.append((lo, hi, key, ref, seq_ref))
+    # Every sample against its car's starting clock at once: one ahead of the
+    # latest accepted before it is ahead of that start too, so only the cars
+    # with such a sample (rare) are judged sample by sample below.
+    counts = [hi - lo for lo, hi, *_ in cars]
+    start = np.repeat([date_us[lo] if ref is None else ref for lo, _, _, ref, _ in cars], counts)
+    seq_ref_of = np.repeat([seq_ref for *_, seq_ref in cars], counts)
+    too_far = (seq > seq_ref_of + config.max_seq_ahead) & (seq_ref_of >= 0)
+    suspect = too_far | (date_us > start + ahead_us)
+    if not suspect.any():
+        return reasons
+    for lo, hi, key, ref, seq_ref in cars:
+        if not suspect[lo:hi].any():
+            continue
         dates = date_us[lo:hi].astype(float)
         too_late = np.zeros(hi - lo, dtype=bool)
         for _ in range(8):  # each sample against the accepted ones before it
             accepted = np.where(too_late, -np.inf, dates)
-            start = dates[0] if ref is None else ref
-            before = np.maximum.accumulate(np.concatenate(([start], accepted)))[:-1]
+            first = dates[0] if ref is None else ref
+            before = np.maximum.accumulate(np.concatenate(([first], accepted)))[:-1]
             flagged = dates > before + ahead_us
             if (flagged == too_late).all():
                 break
             too_late = flagged
-        seq_ref = car.last_seq if car is not None and car.last_seq >= 0 else run_seq
-        if seq_ref < 0 and batch_seq is not None:
-            seq_ref = int(batch_seq)
-        too_far = (seq[lo:hi] > seq_ref + config.max_seq_ahead) & (seq_ref >= 0)
-        for i in np.flatnonzero(too_late | too_far).tolist():
+        for i in np.flatnonzero(too_late | too_far[lo:hi]).tolist():
             if too_late[i]:
                 reasons[lo + i] = (
                     f"event time {(date_us[lo + i] - (ref or dates[0])) / 1e6:.0f} s ahead of "
@@ -450,36 +472,94 @@ def end_run(state: PartitionState, run_id: str, config: WindowConfig) -> Columns
     return _closing(closed, config)
 
 
+def _running_max_before(values: np.ndarray, starts: np.ndarray, bases: np.ndarray) -> np.ndarray:
+    """Per value, the greatest of its car's base and of the car's values before
+    it: `values` are grouped by car (each car's first at `starts`, its base in
+    `bases`). Every car in one pass: per car, numpy's calls cost more than their
+    work (at 1x a batch holds one sample of each car)."""
+    import numpy as np
+
+    n, cars = len(values), len(starts)
+    base_at = starts + np.arange(cars)  # each car's base goes just before its values
+    at = np.arange(n) + np.searchsorted(starts, np.arange(n), side="right")
+    merged = np.empty(n + cars, dtype=np.result_type(values, bases))
+    merged[base_at], merged[at] = bases, values
+    # A running max over ranks offset by car: a car's keys all rank above the
+    # cars' before it, so its running max never reaches back into theirs.
+    ordered, rank = np.unique(merged, return_inverse=True)
+    offset = (np.searchsorted(base_at, np.arange(n + cars), side="right") - 1) * len(ordered)
+    running = ordered[np.maximum.accumulate(rank.ravel() + offset) - offset]
+    result: np.ndarray = running[at - 1]
+    return result
+
+
+def _late(
+    times: np.ndarray, starts: np.ndarray, cars: list[CarState], config: WindowConfig
+) -> np.ndarray:
+    """Which of the cars' new samples came after their window closed: against the
+    latest event time seen before each (the car's clock, else its first sample
+    here), less the allowed lateness. Moves each car's clock."""
+    import numpy as np
+
+    bases = np.array(
+        [t if (t := car.max_date_us) is not None else times[start]
+         for car, start in zip(cars, starts.tolist(), strict=True)],
+        dtype=np.int64,
+    )  # fmt: skip
+    watermark_before = _running_max_before(times, starts, bases) - (config.allowed_lateness_s * 1e6)
+    newest = np.maximum(bases, np.maximum.reduceat(times, starts))
+    for car, latest in zip(cars, newest.tolist(), strict=True):
+        car.max_date_us = latest
+    is_late: np.ndarray = window_starts(times, config.window_us) + config.window_us <= (
+        watermark_before
+    )
+    return is_late
+
+
 def _gaps_and_rates(
     channels: dict[str, np.ndarray],
     rows: np.ndarray,
     times: np.ndarray,
-    state: CarState,
+    starts: np.ndarray,
+    cars: list[CarState],
     config: WindowConfig,
-    gap: np.ndarray,
-    gap_s: np.ndarray,
-    rate_jobs: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]],
+    out: tuple[np.ndarray, np.ndarray, dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]],
 ) -> None:
     """Sample gaps (against the latest earlier sample), and per channel the
-    rates to judge against the car's robust rolling baseline (added to
-    `rate_jobs`), for one car's on-time rows; updates its state."""
+    rates to judge against each car's robust rolling baseline, for the cars'
+    on-time `rows` (grouped by car, each car's first at `starts`, in arrival
+    order; `cars` their states, in the same order). Fills `out`: the batch's gap
+    flags and lengths, and per channel each car's (rows, history, rates) to judge.
+    Updates the states."""
     import numpy as np
 
-    latest = np.maximum.accumulate(np.concatenate(([state.last_date_us or times[0]], times)))
-    step_us = times - latest[:-1]
+    gap, gap_s, rate_jobs = out
+    bounds = [*starts.tolist(), len(rows)]
+    bases = np.array(
+        [car.last_date_us or times[start] for car, start in zip(cars, bounds, strict=False)],
+        dtype=np.int64,
+    )  # `bounds` ends with one more than `cars`
+    step_us = times - _running_max_before(times, starts, bases)
     gap[rows] = step_us > config.gap_s * 1e6
     gap_s[rows] = step_us / 1e6
+    seconds = np.maximum(step_us / 1e6, 1e-3)
     for channel in anomaly.RATE_FLOOR:
         values = channels[channel][rows]
-        before = np.concatenate(([state.last_values.get(channel, np.nan)], values[:-1]))
-        rates = (values - before) / np.maximum(step_us / 1e6, 1e-3)
+        before = np.empty_like(values)
+        before[1:] = values[:-1]
+        before[starts] = [car.last_values.get(channel, np.nan) for car in cars]
+        rates = (values - before) / seconds
         valid = np.isfinite(rates) & (step_us > 0)
-        history = np.asarray(state.rates.get(channel, []), dtype=float)
-        rate_jobs[channel].append((rows[valid], history, rates[valid]))
-        kept = np.concatenate((history, rates[valid]))[-anomaly.BASELINE_SAMPLES :]
-        state.rates[channel] = kept.tolist()
-        state.last_values[channel] = float(values[-1])
-    state.last_date_us = int(latest[-1])
+        for car, (lo, hi) in zip(cars, itertools.pairwise(bounds), strict=True):
+            judged = valid[lo:hi]
+            new = rates[lo:hi][judged]
+            history = car.rates.get(channel, [])
+            rate_jobs[channel].append((rows[lo:hi][judged], np.asarray(history, dtype=float), new))
+            car.rates[channel] = (history + new.tolist())[-anomaly.BASELINE_SAMPLES :]
+            car.last_values[channel] = float(values[hi - 1])
+    newest = np.maximum(bases, np.maximum.reduceat(times, starts)).tolist()
+    for car, latest in zip(cars, newest, strict=True):
+        car.last_date_us = latest
 
 
 def _car_state(partition: PartitionState, key: str, frame: Columns, row: int) -> CarState:
