@@ -480,15 +480,24 @@ def _running_max_before(values: np.ndarray, starts: np.ndarray, bases: np.ndarra
     import numpy as np
 
     n, cars = len(values), len(starts)
+    counts = np.diff(starts, append=n)
     base_at = starts + np.arange(cars)  # each car's base goes just before its values
-    at = np.arange(n) + np.searchsorted(starts, np.arange(n), side="right")
-    merged = np.empty(n + cars, dtype=np.result_type(values, bases))
+    at = np.arange(1, n + 1) + np.repeat(np.arange(cars), counts)
+    merged = np.empty(n + cars, dtype=np.int64)
     merged[base_at], merged[at] = bases, values
-    # A running max over ranks offset by car: a car's keys all rank above the
-    # cars' before it, so its running max never reaches back into theirs.
-    ordered, rank = np.unique(merged, return_inverse=True)
-    offset = (np.searchsorted(base_at, np.arange(n + cars), side="right") - 1) * len(ordered)
-    running = ordered[np.maximum.accumulate(rank.ravel() + offset) - offset]
+    car = np.repeat(np.arange(cars), counts + 1)
+    # One running max over the cars' values lifted by a step per car: a car's
+    # keys all lie above the cars' before it, so its running max never reaches
+    # back into theirs. The step is the values' span (event times of one batch);
+    # for spans too wide for int64 keys (dates decades apart), their ranks.
+    low, span = int(merged.min()), int(merged.max()) - int(merged.min()) + 1
+    if span * cars < 2**62:
+        lift = car * span - low
+        running = np.maximum.accumulate(merged + lift) - lift
+    else:
+        ordered, rank = np.unique(merged, return_inverse=True)
+        lift = car * len(ordered)
+        running = ordered[np.maximum.accumulate(rank.ravel() + lift) - lift]
     result: np.ndarray = running[at - 1]
     return result
 

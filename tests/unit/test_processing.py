@@ -586,6 +586,25 @@ def test_dedupe_matches_a_set_of_seen_seqs_on_random_orders() -> None:
             assert fresh.tolist() == expected
 
 
+@pytest.mark.parametrize("spread", [10**6, 2**61], ids=["a batch's times", "decades apart"])
+def test_running_max_per_car_matches_one_car_at_a_time(spread: int) -> None:
+    # Every car's running max in one pass (lifted by a step per car, or by rank
+    # when the values are too far apart for that), against a loop over the cars.
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        counts = rng.integers(1, 9, size=rng.integers(1, 12))
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        values = rng.integers(-spread, spread, size=int(counts.sum()))
+        bases = rng.integers(-spread, spread, size=len(counts))
+        expected = []
+        for lo, n, base in zip(starts.tolist(), counts.tolist(), bases.tolist(), strict=True):
+            seen = base
+            for value in values[lo : lo + n].tolist():
+                expected.append(seen)
+                seen = max(seen, value)
+        assert batch._running_max_before(values, starts, bases).tolist() == expected
+
+
 def test_one_car_far_ahead_moves_neither_its_run_nor_the_other_cars() -> None:
     states = new_states()
     cars = [synthetic_car(np.arange(41) * 0.25, driver_number=d) for d in (1, 5, 9)]
