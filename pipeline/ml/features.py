@@ -154,43 +154,53 @@ def batch_features(
     frame: pd.DataFrame | Columns, cars: Sequence[tuple[np.ndarray, History | None]]
 ) -> tuple[pd.DataFrame, list[History]]:
     """Features of the rows of `frame` listed per car (`cars`: each car's row
-    positions in arrival order, with its state). A lap's features are computed
-    at its first sample, only there (a handful per batch); the lap's other
-    samples take them over. Samples outside a lap get none (NaN). Returns the
-    features (indexed by row position) and each car's next state."""
+    positions in arrival order, one or more, with its state). A lap's features
+    are computed at its first sample, only there (a handful per batch); the
+    lap's other samples take them over. Samples outside a lap get none (NaN).
+    Returns the features (indexed by row position) and each car's next state."""
     import numpy as np
     import pandas as pd
 
-    lap_numbers = _numeric(frame, "lap_number")
+    from pipeline.processing.columns import running_max_before
+
+    histories = [_fresh_history(previous) for _, previous in cars]
+    if not cars:
+        return pd.DataFrame(np.zeros((0, len(FEATURES))), columns=list(FEATURES)), histories
+    rows = np.concatenate([car_rows for car_rows, _ in cars])
+    counts = [len(car_rows) for car_rows, _ in cars]
+    car_starts = np.cumsum([0, *counts[:-1]], dtype=np.int64)
+    car = np.repeat(np.arange(len(cars)), counts)
+    # Lap numbers are counts: -1 stands for none (a sample outside a lap, or no lap seen).
+    laps = _numeric(frame, "lap_number")[rows]
+    lap_or_none = np.where(np.isnan(laps), -1, laps).astype(np.int64)
+    seen = np.array([-1 if math.isnan(h["lap"][0]) else h["lap"][0] for h in histories], np.int64)
     # A lap starts at the first sample past the highest lap seen; a straggler from
     # an earlier lap takes the current lap's features (it cannot go back).
-    histories = [_fresh_history(previous) for _, previous in cars]
-    car_starts = []  # each car's lap starts, as positions in its `rows`
-    for (rows, _), history in zip(cars, histories, strict=True):
-        laps = lap_numbers[rows]
-        seen = np.fmax.accumulate(np.concatenate((history["lap"], laps)))[:-1]
-        car_starts.append(np.flatnonzero((laps > seen) | (np.isnan(seen) & ~np.isnan(laps))))
+    starts = lap_or_none > running_max_before(lap_or_none, car_starts, seen)
     # The lap rows' fields only where laps start (a handful per batch): reading
     # the text fields takes Python per row, a tenth of composing a whole batch.
-    pairs = zip(cars, car_starts, strict=True)
-    at = np.concatenate([rows[starts] for (rows, _), starts in pairs]) if cars else np.zeros(0, int)
-    fields = row_fields(_rows_of(frame, at))
-    matrix = iter(np.column_stack([fields[f] for f in ROW_FIELDS]).tolist() if len(at) else [])
-    out = np.full((len(frame), len(FEATURES)), np.nan)
-    for (rows, _), history, starts in zip(cars, histories, car_starts, strict=True):
-        laps = lap_numbers[rows]
-        lap_rows = [history.get("current", [math.nan] * len(FEATURES))]
-        for _ in starts:  # `matrix` holds them in this order
-            lap_rows.append(list(_lap_row(next(matrix), history)))
-        which = np.zeros(len(rows), dtype=int)
-        which[starts] = np.arange(1, len(starts) + 1)
-        which = np.maximum.accumulate(which)
-        car_out = np.asarray(lap_rows, dtype=float)[which]
-        car_out[np.isnan(laps)] = np.nan
-        out[rows] = car_out
-        history["lap"] = [float(np.fmax.reduce(np.concatenate((history["lap"], laps))))]
-    chosen = np.concatenate([rows for rows, _ in cars]) if cars else np.array([], dtype=int)
-    features = pd.DataFrame(out[chosen], columns=list(FEATURES), index=chosen)
+    fields = row_fields(_rows_of(frame, rows[starts]))
+    matrix = iter(np.column_stack([fields[f] for f in ROW_FIELDS]).tolist() if starts.any() else [])
+    # Each car's lap rows: the lap it was in, then each lap starting here, in order.
+    lap_rows: list[list[float]] = []
+    first_lap_row = []
+    for history, started in zip(
+        histories, np.bincount(car[starts], minlength=len(cars)).tolist(), strict=True
+    ):
+        first_lap_row.append(len(lap_rows))
+        lap_rows.append(history.get("current", [math.nan] * len(FEATURES)))
+        lap_rows += [list(_lap_row(next(matrix), history)) for _ in range(started)]
+    # A sample's lap row: its car's first, one further per lap started up to it.
+    started_so_far = np.cumsum(starts)
+    before_car: np.ndarray = started_so_far[car_starts] - starts[car_starts]
+    which = np.asarray(first_lap_row, dtype=np.int64)[car] + started_so_far - before_car[car]
+    out = np.asarray(lap_rows, dtype=float).reshape(-1, len(FEATURES))[which]
+    out[np.isnan(laps)] = np.nan
+    newest = seen.copy()
+    np.maximum.at(newest, car, lap_or_none)
+    for history, lap in zip(histories, newest.tolist(), strict=True):
+        history["lap"] = [math.nan if lap < 0 else float(lap)]
+    features = pd.DataFrame(out, columns=list(FEATURES), index=rows)
     return features, histories
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from pipeline.processing import anomaly
-from pipeline.processing.columns import Columns, concat
+from pipeline.processing.columns import Columns, concat, running_max_before
 from pipeline.processing.windows import (
     WindowPartial,
     from_partials,
@@ -472,36 +472,6 @@ def end_run(state: PartitionState, run_id: str, config: WindowConfig) -> Columns
     return _closing(closed, config)
 
 
-def _running_max_before(values: np.ndarray, starts: np.ndarray, bases: np.ndarray) -> np.ndarray:
-    """Per value, the greatest of its car's base and of the car's values before
-    it: `values` are grouped by car (each car's first at `starts`, its base in
-    `bases`). Every car in one pass: per car, numpy's calls cost more than their
-    work (at 1x a batch holds one sample of each car)."""
-    import numpy as np
-
-    n, cars = len(values), len(starts)
-    counts = np.diff(starts, append=n)
-    base_at = starts + np.arange(cars)  # each car's base goes just before its values
-    at = np.arange(1, n + 1) + np.repeat(np.arange(cars), counts)
-    merged = np.empty(n + cars, dtype=np.int64)
-    merged[base_at], merged[at] = bases, values
-    car = np.repeat(np.arange(cars), counts + 1)
-    # One running max over the cars' values lifted by a step per car: a car's
-    # keys all lie above the cars' before it, so its running max never reaches
-    # back into theirs. The step is the values' span (event times of one batch);
-    # for spans too wide for int64 keys (dates decades apart), their ranks.
-    low, span = int(merged.min()), int(merged.max()) - int(merged.min()) + 1
-    if span * cars < 2**62:
-        lift = car * span - low
-        running = np.maximum.accumulate(merged + lift) - lift
-    else:
-        ordered, rank = np.unique(merged, return_inverse=True)
-        lift = car * len(ordered)
-        running = ordered[np.maximum.accumulate(rank.ravel() + lift) - lift]
-    result: np.ndarray = running[at - 1]
-    return result
-
-
 def _late(
     times: np.ndarray, starts: np.ndarray, cars: list[CarState], config: WindowConfig
 ) -> np.ndarray:
@@ -515,7 +485,7 @@ def _late(
          for car, start in zip(cars, starts.tolist(), strict=True)],
         dtype=np.int64,
     )  # fmt: skip
-    watermark_before = _running_max_before(times, starts, bases) - (config.allowed_lateness_s * 1e6)
+    watermark_before = running_max_before(times, starts, bases) - (config.allowed_lateness_s * 1e6)
     newest = np.maximum(bases, np.maximum.reduceat(times, starts))
     for car, latest in zip(cars, newest.tolist(), strict=True):
         car.max_date_us = latest
@@ -548,7 +518,7 @@ def _gaps_and_rates(
         [car.last_date_us or times[start] for car, start in zip(cars, bounds, strict=False)],
         dtype=np.int64,
     )  # `bounds` ends with one more than `cars`
-    step_us = times - _running_max_before(times, starts, bases)
+    step_us = times - running_max_before(times, starts, bases)
     gap[rows] = step_us > config.gap_s * 1e6
     gap_s[rows] = step_us / 1e6
     seconds = np.maximum(step_us / 1e6, 1e-3)

@@ -22,7 +22,7 @@ import pytest
 from pipeline.kafka.producer import message_columns
 from pipeline.processing import anomaly, batch, compose
 from pipeline.processing.batch import BatchResult, PartitionState, WindowConfig
-from pipeline.processing.columns import Columns, concat
+from pipeline.processing.columns import Columns, concat, running_max_before
 from pipeline.schema import SAMPLE_FIELDS, SCHEMA_VERSION, TelemetrySample
 from pipeline.sources.replay import load_samples
 
@@ -602,7 +602,7 @@ def test_running_max_per_car_matches_one_car_at_a_time(spread: int) -> None:
             for value in values[lo : lo + n].tolist():
                 expected.append(seen)
                 seen = max(seen, value)
-        assert batch._running_max_before(values, starts, bases).tolist() == expected
+        assert running_max_before(values, starts, bases).tolist() == expected
 
 
 def test_one_car_far_ahead_moves_neither_its_run_nor_the_other_cars() -> None:
