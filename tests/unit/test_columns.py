@@ -50,3 +50,13 @@ def test_the_sinks_binary_copy_refuses_a_column_type_it_cannot_encode() -> None:
         telemetry_db.binary_copy(
             laps(), ["lap_number", "at"], {"lap_number": "smallint", "at": "interval"}
         )
+
+
+def test_the_sinks_binary_copy_refuses_a_number_outside_its_columns_width() -> None:
+    # Numbers are narrowed by numpy, which would wrap 70,000 into a smallint
+    # silently: the sink refuses it, naming the column, as Arrow's cast did.
+    batch = Columns({"lap_number": np.array([1.0, np.nan, 70_000.0])}, 3, frozenset({"lap_number"}))
+    with pytest.raises(ValueError, match=r"column lap_number holds 70000, outside its int16 range"):
+        telemetry_db.binary_copy(batch, ["lap_number"], {"lap_number": "smallint"})
+    fits = Columns({"lap_number": np.array([1.0, np.nan, 3.0])}, 3, frozenset({"lap_number"}))
+    assert telemetry_db.binary_copy(fits, ["lap_number"], {"lap_number": "smallint"})
