@@ -16,6 +16,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import numpy as np
     import pandas as pd
 
@@ -88,41 +90,33 @@ def rule_flags(frame: pd.DataFrame | Columns) -> dict[str, np.ndarray]:
     }
 
 
-def robust_outliers_many(
-    cars: list[tuple[np.ndarray, np.ndarray]], floor: float
-) -> list[np.ndarray]:
-    """Robust z-score test of each car's new rates against the BASELINE_SAMPLES
-    rates before each (`history` holds the car's latest rates from earlier
-    batches); rates with too little history are not judged. Every car's
-    baselines are stacked into one array, so the medians are numpy calls per
-    batch rather than per car (at 1x a batch holds one sample of each car)."""
+def robust_outliers(
+    histories: Sequence[Sequence[float]], rates: np.ndarray, counts: Sequence[int], floor: float
+) -> np.ndarray:
+    """Robust z-score test of every car's new `rates` (grouped by car, `counts`
+    of each) against the BASELINE_SAMPLES rates before each: `histories` hold
+    each car's latest rates from earlier batches. Rates with too little history
+    are not judged (False). Every car's baselines in one flat array, so the
+    work is numpy calls per batch, not per car (at 1x a batch holds one rate of
+    each car)."""
     import numpy as np
 
-    flags = [np.zeros(len(rates), dtype=bool) for _, rates in cars]
-    judged: list[tuple[int, int]] = []  # (car, first judged rate)
-    pieces, starts, new_rates = [], [], []
-    at = 0  # where the car's history starts in the flat array of all of them
-    for i, (history, rates) in enumerate(cars):
-        first = BASELINE_SAMPLES - len(history)  # first new rate with a full baseline
-        if len(history) + len(rates) <= BASELINE_SAMPLES or first >= len(rates):
-            continue
-        first = max(first, 0)
-        # The baseline of the rate at position k (history, then rates) is the
-        # BASELINE_SAMPLES before it: they start at k - BASELINE_SAMPLES.
-        starts.append(at + len(history) - BASELINE_SAMPLES + np.arange(first, len(rates)))
-        pieces += [history, rates]
-        at += len(history) + len(rates)
-        new_rates.append(rates[first:])
-        judged.append((i, first))
-    if not judged:
+    flags = np.zeros(len(rates), dtype=bool)
+    held = np.array([len(history) for history in histories], dtype=np.int64)
+    new = np.array(counts, dtype=np.int64)
+    car = np.repeat(np.arange(len(new)), new)
+    # Each rate's place in its car's history-then-rates: judged from BASELINE_SAMPLES on.
+    place = held[car] + np.arange(len(rates)) - np.repeat(np.cumsum(new) - new, new)
+    judged = place >= BASELINE_SAMPLES
+    if not judged.any():
         return flags
-    outlier = _beyond_robust_scale(
-        np.concatenate(pieces), np.concatenate(starts), np.concatenate(new_rates), floor
-    )
-    at = 0
-    for (i, first), rates in zip(judged, new_rates, strict=True):
-        flags[i][first:] = outlier[at : at + len(rates)]
-        at += len(rates)
+    split = np.cumsum(new)[:-1].tolist()
+    flat = np.concatenate(
+        [part for pair in zip(histories, np.split(rates, split), strict=True) for part in pair]
+    ).astype(float)
+    car_at = np.cumsum(held + new) - (held + new)  # where each car's history starts in `flat`
+    starts = (car_at[car] + place - BASELINE_SAMPLES)[judged]
+    flags[judged] = _beyond_robust_scale(flat, starts, rates[judged], floor)
     return flags
 
 

@@ -180,9 +180,6 @@ def process(
     seq = frame["seq"]
     partition = frame["partition"]
     channels = {c: np.asarray(frame[c], dtype=float) for c in anomaly.RATE_FLOOR}
-    rate_jobs: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {
-        c: [] for c in anomaly.RATE_FLOOR
-    }  # channel -> (rows, history, rates) of each car, judged together below
     cars: list[CarState] = []  # each car with new samples, in row order
     for lo, hi in itertools.pairwise(edges):
         key = car_key(frame, lo)
@@ -215,14 +212,8 @@ def process(
                 np.flatnonzero(np.diff(frame["car_group"][on_time_rows], prepend=-1)),
                 [car for car, n in zip(cars, counts, strict=True) if n],
                 config,
-                (gap, gap_s, rate_jobs),
+                (gap, gap_s, outliers),
             )
-    for channel, jobs in rate_jobs.items():
-        judged = anomaly.robust_outliers_many(
-            [(history, rates) for _, history, rates in jobs], anomaly.RATE_FLOOR[channel]
-        )
-        for (rows, _, _), flagged in zip(jobs, judged, strict=True):
-            outliers[channel][rows] = flagged
 
     flags[anomaly.SAMPLE_GAP] = gap
     for channel, mask in outliers.items():
@@ -502,17 +493,16 @@ def _gaps_and_rates(
     starts: np.ndarray,
     cars: list[CarState],
     config: WindowConfig,
-    out: tuple[np.ndarray, np.ndarray, dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]],
+    out: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]],
 ) -> None:
-    """Sample gaps (against the latest earlier sample), and per channel the
-    rates to judge against each car's robust rolling baseline, for the cars'
+    """Sample gaps (against the latest earlier sample), and per channel each
+    rate judged against its car's robust rolling baseline, for the cars'
     on-time `rows` (grouped by car, each car's first at `starts`, in arrival
     order; `cars` their states, in the same order). Fills `out`: the batch's gap
-    flags and lengths, and per channel each car's (rows, history, rates) to judge.
-    Updates the states."""
+    flags and lengths, and per channel its outliers. Updates the states."""
     import numpy as np
 
-    gap, gap_s, rate_jobs = out
+    gap, gap_s, outliers = out
     bounds = [*starts.tolist(), len(rows)]
     bases = np.array(
         [car.last_date_us or times[start] for car, start in zip(cars, bounds, strict=False)],
@@ -522,20 +512,25 @@ def _gaps_and_rates(
     gap[rows] = step_us > config.gap_s * 1e6
     gap_s[rows] = step_us / 1e6
     seconds = np.maximum(step_us / 1e6, 1e-3)
-    for channel in anomaly.RATE_FLOOR:
+    last_rows = [hi - 1 for hi in bounds[1:]]
+    for channel, floor in anomaly.RATE_FLOOR.items():
         values = channels[channel][rows]
         before = np.empty_like(values)
         before[1:] = values[:-1]
         before[starts] = [car.last_values.get(channel, np.nan) for car in cars]
         rates = (values - before) / seconds
         valid = np.isfinite(rates) & (step_us > 0)
-        for car, (lo, hi) in zip(cars, itertools.pairwise(bounds), strict=True):
-            judged = valid[lo:hi]
-            new = rates[lo:hi][judged]
-            history = car.rates.get(channel, [])
-            rate_jobs[channel].append((rows[lo:hi][judged], np.asarray(history, dtype=float), new))
-            car.rates[channel] = (history + new.tolist())[-anomaly.BASELINE_SAMPLES :]
-            car.last_values[channel] = float(values[hi - 1])
+        new, counts = rates[valid], np.add.reduceat(valid, starts).tolist()
+        histories = [car.rates.get(channel, []) for car in cars]
+        outliers[channel][rows[valid]] = anomaly.robust_outliers(histories, new, counts, floor)
+        new_rates = new.tolist()
+        ends = itertools.accumulate(counts)
+        for car, history, end, count, last in zip(
+            cars, histories, ends, counts, values[last_rows].tolist(), strict=True
+        ):
+            kept = history + new_rates[end - count : end]
+            car.rates[channel] = kept[-anomaly.BASELINE_SAMPLES :]
+            car.last_values[channel] = last
     newest = np.maximum(bases, np.maximum.reduceat(times, starts)).tolist()
     for car, latest in zip(cars, newest, strict=True):
         car.last_date_us = latest

@@ -633,9 +633,9 @@ def test_a_whole_run_resuming_later_is_taken_as_it_is() -> None:
 def test_rate_outliers_match_a_recomputation_rate_by_rate(
     bounds: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # robust_outliers_many judges every car's rates at once (the baselines' bounds
-    # by running filters over many rates, gathered over few: both here); each
-    # rate is judged against the BASELINE_SAMPLES rates before it, history first.
+    # robust_outliers judges every car's rates at once (the baselines' bounds by
+    # running filters over many rates, gathered over few: both here); each rate
+    # is judged against the BASELINE_SAMPLES rates before it, history first.
     monkeypatch.setattr(
         anomaly, "RUNNING_FILTERS_FROM", 0 if bounds == "running filters" else 10**9
     )
@@ -647,7 +647,14 @@ def test_rate_outliers_match_a_recomputation_rate_by_rate(
         for h, r in shapes
     ]
     floor = 1.0
-    flagged = anomaly.robust_outliers_many(cars, floor)
+    counts = [len(rates) for _, rates in cars]
+    flat = anomaly.robust_outliers(
+        [history.tolist() for history, _ in cars],
+        np.concatenate([rates for _, rates in cars]),
+        counts,
+        floor,
+    )
+    flagged = np.split(flat, np.cumsum(counts)[:-1])
     for (history, rates), got in zip(cars, flagged, strict=True):
         full = np.concatenate((history, rates))
         expected = []
