@@ -176,7 +176,8 @@ def batch_features(
     seen = np.array([-1 if math.isnan(h["lap"][0]) else h["lap"][0] for h in histories], np.int64)
     # A lap starts at the first sample past the highest lap seen; a straggler from
     # an earlier lap takes the current lap's features (it cannot go back).
-    starts = lap_or_none > running_max_before(lap_or_none, car_starts, seen)
+    seen_before, newest = running_max_before(lap_or_none, car_starts, seen)
+    starts = lap_or_none > seen_before
     # The lap rows' fields only where laps start (a handful per batch): reading
     # the text fields takes Python per row, a tenth of composing a whole batch.
     fields = row_fields(_rows_of(frame, rows[starts]))
@@ -196,8 +197,6 @@ def batch_features(
     which = np.asarray(first_lap_row, dtype=np.int64)[car] + started_so_far - before_car[car]
     out = np.asarray(lap_rows, dtype=float).reshape(-1, len(FEATURES))[which]
     out[np.isnan(laps)] = np.nan
-    newest = seen.copy()
-    np.maximum.at(newest, car, lap_or_none)
     for history, lap in zip(histories, newest.tolist(), strict=True):
         history["lap"] = [math.nan if lap < 0 else float(lap)]
     features = pd.DataFrame(out, columns=list(FEATURES), index=rows)

@@ -476,8 +476,8 @@ def _late(
          for car, start in zip(cars, starts.tolist(), strict=True)],
         dtype=np.int64,
     )  # fmt: skip
-    watermark_before = running_max_before(times, starts, bases) - (config.allowed_lateness_s * 1e6)
-    newest = np.maximum(bases, np.maximum.reduceat(times, starts))
+    seen_before, newest = running_max_before(times, starts, bases)
+    watermark_before = seen_before - config.allowed_lateness_s * 1e6
     for car, latest in zip(cars, newest.tolist(), strict=True):
         car.max_date_us = latest
     is_late: np.ndarray = window_starts(times, config.window_us) + config.window_us <= (
@@ -505,10 +505,11 @@ def _gaps_and_rates(
     gap, gap_s, outliers = out
     bounds = [*starts.tolist(), len(rows)]
     bases = np.array(
-        [car.last_date_us or times[start] for car, start in zip(cars, bounds, strict=False)],
+        [car.last_date_us or times[start] for car, start in zip(cars, bounds[:-1], strict=True)],
         dtype=np.int64,
-    )  # `bounds` ends with one more than `cars`
-    step_us = times - running_max_before(times, starts, bases)
+    )
+    latest_before, newest = running_max_before(times, starts, bases)
+    step_us = times - latest_before
     gap[rows] = step_us > config.gap_s * 1e6
     gap_s[rows] = step_us / 1e6
     seconds = np.maximum(step_us / 1e6, 1e-3)
@@ -531,8 +532,7 @@ def _gaps_and_rates(
             kept = history + new_rates[end - count : end]
             car.rates[channel] = kept[-anomaly.BASELINE_SAMPLES :]
             car.last_values[channel] = last
-    newest = np.maximum(bases, np.maximum.reduceat(times, starts)).tolist()
-    for car, latest in zip(cars, newest, strict=True):
+    for car, latest in zip(cars, newest.tolist(), strict=True):
         car.last_date_us = latest
 
 

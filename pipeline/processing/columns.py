@@ -113,16 +113,19 @@ def concat(parts: Sequence[Columns]) -> Columns:
     return Columns(data, sum(len(part) for part in kept), ints)
 
 
-def running_max_before(values: np.ndarray, starts: np.ndarray, bases: np.ndarray) -> np.ndarray:
+def running_max_before(
+    values: np.ndarray, starts: np.ndarray, bases: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Per value, the greatest of its car's base and of the car's values before
-    it: integer `values` grouped by car (each car's first at `starts`, its base
-    in `bases`). Every car in one pass: per car, numpy's calls cost more than
-    their work (at 1x a batch holds one sample of each car)."""
+    it; and per car, the greatest of its base and all its values: integer
+    `values` grouped by car (each car's first at `starts`, its base in `bases`).
+    Every car in one pass: per car, numpy's calls cost more than their work (at
+    1x a batch holds one sample of each car)."""
     import numpy as np
 
     n, cars = len(values), len(starts)
     if not cars:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     counts = np.diff(starts, append=n)
     base_at = starts + np.arange(cars)  # each car's base goes just before its values
     at = np.arange(1, n + 1) + np.repeat(np.arange(cars), counts)
@@ -141,5 +144,5 @@ def running_max_before(values: np.ndarray, starts: np.ndarray, bases: np.ndarray
         ordered, rank = np.unique(merged, return_inverse=True)
         lift = car * len(ordered)
         running = ordered[np.maximum.accumulate(rank.ravel() + lift) - lift]
-    result: np.ndarray = running[at - 1]
-    return result
+    # A car's last place in `merged` is just before the next car's base.
+    return running[at - 1], running[np.append(base_at[1:], n + cars) - 1]
