@@ -66,6 +66,21 @@ def test_a_clean_batch_decodes_as_its_messages_do_one_by_one() -> None:
     assert decoded.new_runs == {RUN: ("2023_Monaco_R", "fastf1-replay")}
 
 
+def test_a_batch_columns_hold_each_distinct_text_once() -> None:
+    # Equal texts share one object (read again by later steps, a few stay cached);
+    # values and None unchanged.
+    messages = _clean_batch()
+    messages[3] = _message(1, 3, schema.encode(_sample(2, 1, compound="SOFT", driver="HAM")))
+    _, columns = compose.decode_columns(
+        messages, assigned=ASSIGNED, runs_seen=set(), max_message_bytes=MAX_BYTES
+    )
+    assert list(columns["run_id"]) == [RUN] * 12
+    assert len({id(text) for text in columns["run_id"]}) == 1
+    assert list(columns["driver"]) == ["VER"] * 3 + ["HAM"] + ["VER"] * 8
+    assert len({id(text) for text in columns["driver"]}) == 2
+    assert list(columns["compound"]) == [None] * 3 + ["SOFT"] + [None] * 8
+
+
 def test_end_markers_are_taken_apart_from_the_samples() -> None:
     messages = _clean_batch()
     end = schema.EndOfStream(v=1, run_id=RUN, session_key="2023_Monaco_R", partition=1, samples=6)
