@@ -217,6 +217,7 @@ def _column_dtypes() -> dict[str, str]:
 COLUMN_DTYPES = _column_dtypes()
 # Nullable integers travel as float with NaN (`Columns`), the produce time too.
 INT_COLUMNS = frozenset(n for n, d in COLUMN_DTYPES.items() if d == "Int64") | {"produced_at_us"}
+TEXT_FIELDS = frozenset(n for n, d in COLUMN_DTYPES.items() if d == "object")
 
 
 def _typed(name: str, values: Sequence[Any]) -> np.ndarray:
@@ -256,16 +257,14 @@ def columns(decoded: Decoded) -> Columns:
     # of each field's values (the tuples transposed), which took as long as
     # decoding the messages.
     records = np.array([msgspec.structs.astuple(s) for s in decoded.samples], dtype=_row_dtype())
-    data = {name: np.ascontiguousarray(records[name]) for name in schema.SAMPLE_FIELDS}
-    for name in TEXT_FIELDS:
-        data[name] = _shared(data[name])
+    data = {
+        name: _shared(records[name]) if name in TEXT_FIELDS else np.ascontiguousarray(records[name])
+        for name in schema.SAMPLE_FIELDS
+    }
     data["partition"] = np.array(decoded.partitions, dtype=np.int64)
     data["offset"] = np.array(decoded.offsets, dtype=np.int64)
     data["produced_at_us"] = np.array(decoded.produced, dtype=np.float64)  # None -> NaN
     return Columns(data, len(records), INT_COLUMNS)
-
-
-TEXT_FIELDS = tuple(name for name in schema.SAMPLE_FIELDS if COLUMN_DTYPES[name] == "object")
 
 
 def _shared(texts: np.ndarray) -> np.ndarray:
