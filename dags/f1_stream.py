@@ -115,8 +115,6 @@ def f1_stream() -> None:
         map_index_template="{{ task.op_kwargs['member'].rsplit('-', 1)[-1] }}",
     )  # fmt: skip
     def consume(member: str, run: dict, params: dict | None = None) -> dict:  # type: ignore[type-arg]
-        from dataclasses import asdict
-
         from pipeline.kafka.client import stop_on_signals
         from pipeline.kafka.consumer import StreamConsumer
 
@@ -125,7 +123,7 @@ def f1_stream() -> None:
             report = StreamConsumer(member, stop=stop).run(
                 until_run=run["stream_run"], idle_timeout_s=float(params["idle_timeout_s"])
             )
-        return {k: v for k, v in asdict(report).items() if k != "dead_letter_reasons"}
+        return report.summary()
 
     @task(execution_timeout=LONG_RUNNING)
     def verify(run: dict, produced: dict, consumed: list) -> dict:  # type: ignore[type-arg]

@@ -121,8 +121,6 @@ def f1_udp_live() -> None:
         map_index_template="{{ task.op_kwargs['member'].rsplit('-', 1)[-1] }}",
     )  # fmt: skip
     def consume(member: str, live: dict, params: dict | None = None) -> dict:  # type: ignore[type-arg]
-        from dataclasses import asdict
-
         from pipeline.kafka.client import stop_on_signals
         from pipeline.kafka.consumer import StreamConsumer
 
@@ -135,7 +133,7 @@ def f1_udp_live() -> None:
             report = StreamConsumer(member, stop=stop).run(
                 idle_timeout_s=30, idle_from_s=max(0.0, listening_left)
             )
-        return {k: v for k, v in asdict(report).items() if k != "dead_letter_reasons"}
+        return report.summary()
 
     @task(execution_timeout=pendulum.duration(hours=1))
     def verify(listened: dict, consumed: list) -> list:  # type: ignore[type-arg]

@@ -26,7 +26,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -92,6 +92,12 @@ class ConsumeReport:
     @property
     def messages_per_s(self) -> float:
         return self.messages / self.busy_seconds if self.busy_seconds else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        """The report as plain values, for a DAG task's result (XCom). The dead
+        letters' classes as a dict: `asdict` would rebuild the Counter from its
+        (class, count) pairs, counting the pairs themselves."""
+        return {**asdict(self), "dead_letter_reasons": dict(self.dead_letter_reasons)}
 
 
 class StreamConsumer:

@@ -161,6 +161,10 @@ def test_malformed_messages_go_to_the_dead_letter_topic_with_reasons(
     assert report.stop_reason == "idle 5 s"  # it kept going to the end
     assert report.samples == len(good)
     assert dict(report.dead_letter_reasons) == {k: len(v) for k, v in bad.items()}
+    # The DAGs' consume tasks return the summary: the classes as counted, as JSON.
+    summary = json.loads(json.dumps(report.summary()))
+    assert summary["dead_letter_reasons"] == {k: len(v) for k, v in bad.items()}
+    assert summary["samples"] == len(good)
     with telemetry_db.connect(settings) as conn:
         rows = conn.execute(
             "SELECT error_class, reason FROM dead_letters WHERE topic = %s ORDER BY kafka_offset",
