@@ -319,9 +319,7 @@ def decode(ctx: _Context) -> Section:
     figures: dict[str, float] = {}
     passes = []
     for i in range(1, ctx.loads.stream_passes + 1):
-        _, their_runs = _consumer_perf(ctx, loaded)
-        references += their_runs.values()
-        figures |= {f"{run} (before pass {i})": rate for run, rate in their_runs.items()}
+        _reference_before(ctx, loaded, f"pass {i}", references, figures)
         passes.append(_decode_loop(loaded))
         figures[f"ours, pass {i}: msg/s"] = passes[-1]["msg/s"]
     ours = _median_pass(passes)
@@ -376,10 +374,8 @@ def consumer(ctx: _Context) -> Section:
     reports: dict[bool, list[ConsumeReport]] = {False: [], True: []}
     for i in range(1, ctx.loads.stream_passes + 1):
         for serve in (False, True) if i % 2 else (True, False):  # each first in turn
-            _, their_runs = _consumer_perf(ctx, loaded)
-            references += their_runs.values()
             name = names[serve]
-            figures |= {f"{run} (before pass {i} {name})": rate for run, rate in their_runs.items()}
+            _reference_before(ctx, loaded, f"pass {i} {name}", references, figures)
             settings = loaded.settings.model_copy(update={"serve_models": serve})
             member = StreamConsumer(f"bench-{'models' if serve else 'plain'}", settings=settings)
             report = member.run(until_run=loaded.run_id, idle_timeout_s=120)
@@ -402,9 +398,7 @@ def consumer(ctx: _Context) -> Section:
             1e6 * report.cpu_seconds / report.messages if report.messages else 0.0
         )
         figures[f"samples stored {name}"] = report.samples
-    _, their_runs = _consumer_perf(ctx, loaded)
-    references += their_runs.values()
-    figures |= {f"{run} (before the group pass)": rate for run, rate in their_runs.items()}
+    _reference_before(ctx, loaded, "the group pass", references, figures)
     what, rate, group_figures = _group_pass(loaded)
     ours.append((what, rate, None))
     figures |= group_figures
@@ -1007,6 +1001,16 @@ def _consumer_perf(ctx: _Context, loaded: _Loaded) -> tuple[float, dict[str, flo
 def _runs(ctx: _Context) -> str:
     runs = ctx.loads.reference_runs
     return f"the median of {runs} runs" if runs > 1 else "one run"
+
+
+def _reference_before(
+    ctx: _Context, loaded: _Loaded, what: str, references: list[float], figures: dict[str, float]
+) -> None:
+    """Kafka's tool on the same topic just before one of our passes: its runs join
+    the section's `references` and its `figures`, named for the pass."""
+    _, their_runs = _consumer_perf(ctx, loaded)
+    references += their_runs.values()
+    figures |= {f"{run} (before {what})": rate for run, rate in their_runs.items()}
 
 
 def _passes(ctx: _Context) -> str:
